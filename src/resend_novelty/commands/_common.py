@@ -1,0 +1,78 @@
+"""Options shared by several sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def add_detector_options(p: argparse.ArgumentParser) -> None:
+    from ..detectors import DETECTORS
+
+    p.add_argument(
+        "--method", default="resend", choices=sorted(DETECTORS),
+        help="novelty score: 'resend' (relational model, max softmax of similarities to class "
+        "prototypes), 'cosine' (max cosine to prototypes) or 'euclidean' (minus distance to the "
+        "nearest prototype). Default: resend",
+    )
+    p.add_argument(
+        "--model", default=None, metavar="CKPT",
+        help="relational checkpoint (.safetensors) for --method resend; default: the checkpoint "
+        "shipped with the package",
+    )
+    p.add_argument(
+        "--backbone", default=None,
+        help="backbone for cosine/euclidean (default efficientnet_lite0; resend uses the backbone "
+        "its checkpoint was trained on)",
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per backbone batch (default 64)")
+    p.add_argument("--workers", type=int, default=None, help="image-decoding worker processes")
+    p.add_argument(
+        "--cache-dir", default=None,
+        help="feature cache directory (default $RESEND_CACHE or ~/.cache/resend_novelty)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def detector_factory(args):
+    """A function returning a fresh detector configured from the CLI options."""
+    from ..backbones import build_backbone
+    from ..cache import FeatureCache
+    from ..checkpoint import load_checkpoint
+    from ..detectors import build_detector
+
+    cache = False if args.no_cache else FeatureCache(args.cache_dir) if args.cache_dir else True
+    model = None
+    if args.method == "resend":
+        model = load_checkpoint(args.model)
+        bb_name = model.config.backbone
+        if args.backbone and args.backbone != bb_name:
+            raise ValueError(
+                f"--backbone {args.backbone} differs from the checkpoint's backbone {bb_name}"
+            )
+    elif args.model:
+        raise ValueError(f"--model is only used by --method resend, not {args.method}")
+    else:
+        bb_name = args.backbone or "efficientnet_lite0"
+    backbone = build_backbone(bb_name)  # built once, shared by every detector
+    common = dict(
+        backbone=backbone, device=args.device, cache=cache, batch_size=args.batch_size,
+        num_workers=args.workers, progress=not args.quiet,
+    )
+
+    def make():
+        return build_detector(args.method, model=model, **common)
+
+    return make
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,60 @@
+"""``resend features``: fill the feature cache for a folder or list (e.g. before a GPU run)."""
+
+from __future__ import annotations
+
+from ._common import write_json  # noqa: F401  (shared helpers)
+
+
+def add_parser(sub, name):
+    p = sub.add_parser(
+        name,
+        help="extract and cache backbone features of a folder or list file",
+        description=(
+            "Run the backbone over every image of DATA (a directory, searched recursively, or a "
+            "list file with --root) and store the features in the cache, so later runs skip the "
+            "backbone. Optionally export them to a .safetensors file (--export)."
+        ),
+    )
+    p.add_argument("data", help="image directory or list file")
+    p.add_argument("--root", default=None, help="root of the list file's paths")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--export", default=None, metavar="OUT.safetensors",
+                   help="also write features, labels and paths to this file")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def run(args) -> int:
+    import json
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ..backbones import build_backbone
+    from ..cache import FeatureCache
+    from ..data import list_images, read_list_file
+    from ..features import extract_features
+
+    if os.path.isdir(args.data):
+        paths, labels = list_images(args.data), None
+    else:
+        recs = read_list_file(args.data, args.root)
+        paths, labels = [r.path for r in recs], [r.label for r in recs]
+    cache = FeatureCache(args.cache_dir) if args.cache_dir else True
+    bb = build_backbone(args.backbone)
+    feats = extract_features(bb, paths, cache=cache, batch_size=args.batch_size,
+                             num_workers=args.workers, device=args.device,
+                             progress=not args.quiet)
+    print(f"{len(paths)} images, features {tuple(feats.shape)} ({bb.cache_namespace})")
+    if args.export:
+        tensors = {"features": feats.contiguous()}
+        if labels is not None:
+            tensors["labels"] = torch.tensor(labels)
+        save_file(tensors, args.export, metadata={"paths": json.dumps(paths),
+                                                  "namespace": bb.cache_namespace})
+    return 0

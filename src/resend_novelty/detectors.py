@@ -1,0 +1,440 @@
+"""Fine-tuning-free novelty detectors, in the spirit of pytorch-ood and scikit-learn.
+
+Every detector follows the same protocol::
+
+    det = ReSeNDDetector()            # or CosineDetector(), EuclideanDetector()
+    det.fit(support)                  # one prototype per known class, no training
+    normality = det.score(test)       # higher = more likely a known class
+    pred = det.predict(test, threshold)   # known class label, or -1 (UNKNOWN)
+
+    det.calibrate(support, tpr=0.95)  # fit + threshold from the support set alone (threshold_)
+    pred = det.predict(test)          # uses det.threshold_
+
+``fit``/``score``/``predict`` accept image paths, a class-folder directory, an
+:class:`~resend_novelty.data.ImageDataset`, a DataLoader of ``(images, labels)``, a tensor of
+preprocessed images, or PIL images. ``fit_features``/``score_features``/``predict_features`` take
+cached backbone features, so that the backbone runs once and many detectors reuse its output.
+
+Known classes are the labels present in the support set (``classes_``).
+
+Threshold calibration without unknown samples (:meth:`PrototypeDetector.calibrate`): each support
+image is scored *leave-one-out* - the prototype of its own class is recomputed without it, the
+other prototypes are unchanged - so it is scored like an unseen image of a known class. The
+threshold is the ``ceil(tpr * m)``-th largest of the ``m`` LOO scores: at least a fraction
+``tpr`` of the support images would be accepted as known. Images of classes with a single
+support image cannot be left out (their class would have no prototype): they are skipped with a
+warning naming the class.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbones import Backbone, build_backbone
+from .cache import FeatureCache
+from .data import IMAGE_EXTENSIONS, DataError, ImageDataset, list_images, scan_class_folders
+from .features import check_features, default_device, extract_features
+from .model import RelationalModule
+
+__all__ = [
+    "UNKNOWN",
+    "PrototypeDetector",
+    "ReSeNDDetector",
+    "CosineDetector",
+    "EuclideanDetector",
+    "build_detector",
+    "DETECTORS",
+]
+
+UNKNOWN = -1
+
+
+class PrototypeDetector:
+    """Base class: class prototypes = mean backbone feature of the support images of each class."""
+
+    name = "prototype"
+    # the normality needs at least two known classes (max-softmax: always 1 with one class)
+    needs_two_classes = False
+
+    def __init__(
+        self,
+        backbone: Backbone | str | None = "efficientnet_lite0",
+        device: str | torch.device | None = None,
+        cache: FeatureCache | bool | None = True,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        progress: bool = True,
+    ):
+        self._backbone = backbone
+        self.device = torch.device(device) if device is not None else default_device()
+        self.cache = cache
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+
+    # ----------------------------------------------------------------- backbone and inputs
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            raise ValueError("this detector has no backbone: use fit_features/score_features")
+        if isinstance(self._backbone, str):
+            self._backbone = build_backbone(self._backbone)
+        return self._backbone
+
+    def features(self, x, desc: str = "features") -> tuple[torch.Tensor, np.ndarray | None]:
+        """Backbone features of ``x`` (and its labels where ``x`` carries them)."""
+        if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
+            entries = [e for e in Path(x).iterdir() if not e.name.startswith(".")]
+            sub = [d for d in entries if d.is_dir()]
+            loose = [f for f in entries if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+            if sub and not loose:  # class folders: labels are the folder indices
+                records, classes = scan_class_folders(x)
+                self._folder_classes = classes
+                return self._paths_features([r.path for r in records], desc), np.array(
+                    [r.label for r in records]
+                )
+            return self._paths_features(list_images(x), desc), None
+        if isinstance(x, ImageDataset):
+            return self._paths_features(x.paths, desc), np.asarray(x.labels)
+        if isinstance(x, torch.utils.data.DataLoader):
+            feats, labels = [], []
+            bb = self.backbone.to(self.device).eval()
+            with torch.inference_mode():
+                for batch in x:
+                    images, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
+                    feats.append(bb(images.to(self.device)).float().cpu())
+                    if y is not None:
+                        labels.append(torch.as_tensor(y))
+            f = check_features(torch.cat(feats), desc)
+            return f, (torch.cat(labels).numpy() if labels else None)
+        if isinstance(x, torch.Tensor):
+            if x.ndim != 4:
+                raise ValueError(
+                    f"image tensors must be (N, 3, H, W), got {tuple(x.shape)}; "
+                    "use fit_features/score_features for precomputed features"
+                )
+            bb = self.backbone.to(self.device).eval()
+            with torch.inference_mode():
+                out = [bb(x[i : i + self.batch_size].to(self.device)).float().cpu()
+                       for i in range(0, len(x), self.batch_size)]
+            return check_features(torch.cat(out), desc), None
+        if isinstance(x, (list, tuple)) and x and hasattr(x[0], "convert"):  # PIL images
+            t = self.backbone.transform
+            return self.features(torch.stack([t(im.convert("RGB")) for im in x]), desc)
+        if isinstance(x, (list, tuple, np.ndarray)):
+            return self._paths_features([str(p) for p in x], desc), None
+        raise TypeError(f"unsupported input type {type(x).__name__}")
+
+    def _paths_features(self, paths: Sequence[str], desc: str) -> torch.Tensor:
+        return extract_features(
+            self.backbone, paths, cache=self.cache, batch_size=self.batch_size,
+            num_workers=self.num_workers, device=self.device, progress=self.progress, desc=desc,
+        )
+
+    # ----------------------------------------------------------------- fit
+    def fit(self, support, labels: Sequence[int] | None = None) -> "PrototypeDetector":
+        """Compute one prototype per known class from support images (no training)."""
+        self._fit_input(support, labels)
+        return self
+
+    def _fit_input(self, support, labels) -> tuple[torch.Tensor, np.ndarray]:
+        self._folder_classes = None
+        feats, found = self.features(support, desc="support features")
+        if labels is None:
+            labels = found
+        if labels is None:
+            raise ValueError("the support set has no labels: pass labels= or class folders")
+        self.fit_features(feats, labels)
+        classes = self._folder_classes
+        if classes is not None and labels is found:
+            self.class_names_ = [classes[int(c)] for c in self.classes_]
+        return feats, np.asarray(labels)
+
+    def fit_features(self, features, labels) -> "PrototypeDetector":
+        features = check_features(torch.as_tensor(features, dtype=torch.float32), "support features")
+        labels = np.asarray(labels)
+        if features.ndim != 2:
+            raise ValueError(f"support features must be (N, D), got {tuple(features.shape)}")
+        if labels.shape != (features.shape[0],):
+            raise ValueError(
+                f"{features.shape[0]} support features but {labels.shape[0]} labels"
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        classes = np.unique(labels)
+        if len(classes) < 2:
+            if self.needs_two_classes:
+                raise ValueError(
+                    f"the support set has a single known class ({classes.tolist()}): the "
+                    f"{self.name} normality max(softmax(u)) is then always 1 and cannot flag "
+                    "unknowns; add support classes or use a similarity-based method (cosine)"
+                )
+            warnings.warn(
+                f"the support set has a single known class ({classes.tolist()}): the {self.name} "
+                "normality is then the similarity to that one class, with no competing class; "
+                "choose the threshold with care",
+                stacklevel=2,
+            )
+        self.classes_ = classes
+        self.__dict__.pop("threshold_", None)  # a threshold of other prototypes is stale
+        idx = torch.as_tensor(np.searchsorted(self.classes_, labels))
+        protos = torch.zeros(len(self.classes_), features.shape[1])
+        protos.index_add_(0, idx, features)
+        counts = torch.bincount(idx, minlength=len(self.classes_)).clamp_min(1)
+        self.prototypes_ = protos / counts[:, None]
+        self.class_counts_ = counts.numpy()
+        self.class_names_ = [str(c) for c in self.classes_]
+        self._on_fit()
+        return self
+
+    def _on_fit(self) -> None:
+        pass
+
+    def _check_fitted(self, features: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "prototypes_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() first")
+        features = check_features(torch.as_tensor(features, dtype=torch.float32), "test features")
+        if features.ndim != 2 or features.shape[1] != self.prototypes_.shape[1]:
+            raise ValueError(
+                f"test features of shape {tuple(features.shape)} do not match the prototypes' "
+                f"dimension {self.prototypes_.shape[1]}"
+            )
+        return features
+
+    # ----------------------------------------------------------------- scoring
+    def similarities_features(self, features) -> torch.Tensor:
+        """u: (N, K) similarity of each test feature to each class prototype."""
+        raise NotImplementedError
+
+    def normality_from_similarities(self, u: torch.Tensor) -> torch.Tensor:
+        return u.max(dim=1).values
+
+    def score_features(self, features) -> np.ndarray:
+        u = self.similarities_features(self._check_fitted(features))
+        return self.normality_from_similarities(u).numpy()
+
+    def score(self, x) -> np.ndarray:
+        """Normality of each test input: higher = more likely one of the known classes."""
+        return self.score_features(self.features(x, desc="test features")[0])
+
+    def _threshold(self, threshold: float | None) -> float:
+        if threshold is not None:
+            return float(threshold)
+        if getattr(self, "threshold_", None) is None:
+            raise ValueError(
+                "no threshold: pass threshold=... or call calibrate(support, tpr=...) first"
+            )
+        return float(self.threshold_)
+
+    def predict_features(self, features, threshold: float | None = None) -> np.ndarray:
+        """Nearest known class, or ``UNKNOWN`` (-1) where the normality is below ``threshold``.
+
+        ``threshold=None`` uses ``threshold_`` set by :meth:`calibrate` (error if there is none).
+        """
+        threshold = self._threshold(threshold)
+        u = self.similarities_features(self._check_fitted(features))
+        normality = self.normality_from_similarities(u).numpy()
+        pred = self.classes_[u.argmax(dim=1).numpy()]
+        return np.where(normality >= threshold, pred, UNKNOWN)
+
+    def predict(self, x, threshold: float | None = None) -> np.ndarray:
+        threshold = self._threshold(threshold)  # fail before extracting features
+        return self.predict_features(self.features(x, desc="test features")[0], threshold)
+
+    def nearest_class_features(self, features) -> np.ndarray:
+        u = self.similarities_features(self._check_fitted(features))
+        return self.classes_[u.argmax(dim=1).numpy()]
+
+    # ----------------------------------------------------------------- calibration
+    @contextmanager
+    def _swapped_prototypes(self, prototypes: torch.Tensor):
+        """Temporarily score against ``prototypes`` (any number of rows) instead of ``prototypes_``."""
+        saved = self.prototypes_
+        self.prototypes_ = prototypes
+        try:
+            yield
+        finally:
+            self.prototypes_ = saved
+
+    def loo_scores_features(
+        self, features, labels, block: int = 256
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Leave-one-out normality of support features w.r.t. the fitted prototypes.
+
+        For image i of class c (n_c images) the prototype of c becomes
+        ``(n_c * p_c - f_i) / (n_c - 1)``; the other prototypes are unchanged. Works for any
+        detector: the similarity of each image to its own LOO prototype is computed by swapping
+        ``prototypes_`` for a block of LOO prototypes and keeping the diagonal.
+
+        Returns ``(scores, used)``: ``scores`` of the images in classes with >= 2 images,
+        ``used`` the boolean mask of those images among ``features``.
+        """
+        features = self._check_fitted(features)
+        labels = np.asarray(labels)
+        if labels.shape != (features.shape[0],):
+            raise ValueError(f"{features.shape[0]} support features but {labels.size} labels")
+        missing = sorted(set(labels.tolist()) - set(self.classes_.tolist()))
+        if missing:
+            raise ValueError(f"labels {missing} are not classes of the fitted detector")
+        idx = np.searchsorted(self.classes_, labels)
+        u = self.similarities_features(features).clone()  # (N, K), full prototypes
+        used = np.zeros(len(labels), dtype=bool)
+        protos64 = self.prototypes_.double()
+        feats64 = features.double()
+        for k in range(len(self.classes_)):
+            members = np.flatnonzero(idx == k)
+            n = len(members)
+            if n < 2:
+                continue
+            used[members] = True
+            for start in range(0, n, block):
+                rows = torch.as_tensor(members[start : start + block])
+                loo = ((n * protos64[k] - feats64[rows]) / (n - 1)).float()
+                with self._swapped_prototypes(loo):
+                    s = self.similarities_features(features[rows])  # (B, B)
+                u[rows, k] = torch.diagonal(s)
+        scores = self.normality_from_similarities(u[torch.as_tensor(used)]).numpy()
+        return scores, used
+
+    def calibrate_features(self, features, labels, tpr: float = 0.95) -> "PrototypeDetector":
+        """Fit on support features and set ``threshold_`` from their leave-one-out scores.
+
+        ``threshold_`` is the ``ceil(tpr * m)``-th largest of the m LOO scores, so that at least
+        ``tpr`` of the support images are accepted (recall of knowns >= ``tpr`` on the support
+        set). Classes with a single image are skipped with a warning (error if none is left).
+        Details in ``calibration_`` (tpr, n_images, skipped_classes, achieved_recall).
+        """
+        if not 0.0 < float(tpr) <= 1.0:
+            raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+        self.fit_features(features, labels)
+        return self._calibrate_fitted(features, labels, float(tpr))
+
+    def _calibrate_fitted(self, features, labels, tpr: float) -> "PrototypeDetector":
+        labels = np.asarray(labels)
+        counts = dict(zip(self.classes_.tolist(), self.class_counts_.tolist()))
+        names = dict(zip(self.classes_.tolist(), self.class_names_))
+        single = [names[c] for c, n in counts.items() if n < 2]
+        if single and len(single) == len(counts):
+            raise ValueError(
+                "cannot calibrate: every support class has a single image, so no image can be "
+                "left out (leave-one-out needs >= 2 images in a class)"
+            )
+        if single:
+            warnings.warn(
+                f"calibration skips class(es) with a single support image (leave-one-out "
+                f"impossible): {', '.join(single)}",
+                stacklevel=3,
+            )
+        scores, used = self.loo_scores_features(features, labels)
+        m = len(scores)
+        k = min(m, max(1, math.ceil(tpr * m - 1e-9)))
+        threshold = float(np.sort(scores)[::-1][k - 1])
+        self.threshold_ = threshold
+        self.calibration_ = {
+            "rule": "support leave-one-out",
+            "tpr": tpr,
+            "n_images": int(m),
+            "skipped_classes": single,
+            "achieved_recall": float((scores >= threshold).mean()),
+        }
+        self.loo_scores_ = scores
+        return self
+
+    def calibrate(self, support, labels: Sequence[int] | None = None, tpr: float = 0.95):
+        """Fit on ``support`` (as :meth:`fit`) and set ``threshold_`` from leave-one-out scores.
+
+        After this, ``predict(x)`` needs no threshold. See :meth:`calibrate_features`.
+        """
+        if not 0.0 < float(tpr) <= 1.0:
+            raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+        feats, labels = self._fit_input(support, labels)
+        return self._calibrate_fitted(feats, labels, float(tpr))
+
+
+class CosineDetector(PrototypeDetector):
+    """Normality = max cosine similarity to the class prototypes."""
+
+    name = "cosine"
+
+    def similarities_features(self, features) -> torch.Tensor:
+        return F.normalize(features, dim=1) @ F.normalize(self.prototypes_, dim=1).T
+
+
+class EuclideanDetector(PrototypeDetector):
+    """Normality = minus the Euclidean distance to the nearest class prototype."""
+
+    name = "euclidean"
+
+    def similarities_features(self, features) -> torch.Tensor:
+        return -torch.cdist(features, self.prototypes_)
+
+
+class ReSeNDDetector(PrototypeDetector):
+    """ReSeND: u = relational similarity logits to each prototype; normality = max(softmax(u)).
+
+    ``model`` is a :class:`RelationalModule`, a checkpoint path, or None for the checkpoint
+    shipped with the package.
+    """
+
+    name = "resend"
+    needs_two_classes = True
+
+    def __init__(self, model: RelationalModule | str | os.PathLike | None = None,
+                 chunk_pairs: int = 65536, **kwargs):
+        if isinstance(model, RelationalModule):
+            self.model = model
+        else:
+            from .checkpoint import load_checkpoint
+
+            self.model = load_checkpoint(model)
+        kwargs.setdefault("backbone", self.model.config.backbone)
+        super().__init__(**kwargs)
+        bb = kwargs["backbone"]
+        bb_name = bb if isinstance(bb, str) or bb is None else bb.name
+        if bb_name not in (None, "identity") and bb_name != self.model.config.backbone:
+            raise ValueError(
+                f"the relational model was trained on {self.model.config.backbone!r} features, "
+                f"not {bb_name!r}"
+            )
+        self.chunk_pairs = chunk_pairs
+        self.model.eval()
+
+    @torch.inference_mode()
+    def similarities_features(self, features) -> torch.Tensor:
+        model = self.model.to(self.device)
+        use_amp = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            u = model.pairwise_logits(
+                features.to(self.device), self.prototypes_.to(self.device), self.chunk_pairs
+            )
+        return u.float().cpu()
+
+    def normality_from_similarities(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(u, dim=1).max(dim=1).values
+
+
+DETECTORS = {
+    "resend": ReSeNDDetector,
+    "cosine": CosineDetector,
+    "euclidean": EuclideanDetector,
+}
+
+
+def build_detector(method: str, model=None, **kwargs) -> PrototypeDetector:
+    """Detector by name: ``resend`` (uses ``model``), ``cosine``, ``euclidean``."""
+    if method not in DETECTORS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(DETECTORS)}")
+    if method == "resend":
+        return ReSeNDDetector(model=model, **kwargs)
+    if model is not None:
+        raise ValueError(f"--model is only used by the resend method, not {method!r}")
+    return DETECTORS[method](**kwargs)

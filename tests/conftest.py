@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny generated image sets (no network, no shared data needed)."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+DATA_ROOT = Path(os.environ.get("RESEND_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def make_image(path: Path, color, size=(40, 32), mode="RGB", fmt=None, noise_seed=0) -> Path:
+    """A small image: a solid colour plus seeded noise, so classes differ in colour."""
+    rng = np.random.default_rng(noise_seed)
+    arr = np.clip(np.array(color, float)[None, None, :] + rng.normal(0, 12, (size[1], size[0], 3)), 0, 255)
+    img = Image.fromarray(arr.astype(np.uint8), "RGB").convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path
+
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+@pytest.fixture
+def class_folders(tmp_path) -> Path:
+    """tmp/support/<red|green|blue>/*.png (4 each) and tmp/test/<red|green|blue|yellow>/*.png."""
+    for split, classes, n in (("support", ["red", "green", "blue"], 4), ("test", list(COLORS), 3)):
+        for c in classes:
+            for i in range(n):
+                make_image(tmp_path / split / c / f"{i}.png", COLORS[c], noise_seed=zlib.crc32(f"{split}{c}{i}".encode()))
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own feature cache; the user's cache is never touched."""
+    monkeypatch.setenv("RESEND_CACHE", str(tmp_path / "_cache"))
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_backbone():
+    """A tiny random CNN backbone (fast on CPU) with the Backbone interface."""
+    from resend_novelty.backbones import Backbone, Preprocessing
+
+    class Tiny(Backbone):
+        name = "tiny_test_cnn"
+        feature_dim = 16
+
+        def __init__(self):
+            super().__init__(Preprocessing(resize=32, crop=32))
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                torch.nn.Flatten(),
+            )
+
+        def forward(self, x):
+            return self.net(x)
+
+    return Tiny()
