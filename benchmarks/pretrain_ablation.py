@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, update_section  # noqa: E402
 
 # name -> (description, TrainConfig overrides)
-BASE = dict(steps=600, batch_pairs=1024, lr=3e-4, warmup=50, optimizer="adamw", loss="mse",
-            val_classes=20, val_every=100, checkpoint_every=600, max_per_class=50,
-            model={"dim": 256, "depth": 4, "heads": 4, "input_norm": "l2"})
+BASE = dict(steps=400, batch_pairs=512, lr=5e-4, warmup=40, optimizer="adamw", loss="mse",
+            val_classes=30, val_every=50, checkpoint_every=100, max_per_class=50,
+            model={"dim": 128, "depth": 4, "heads": 4, "input_norm": "l2"})
 
 
 def cfg(**kw):
@@ -43,22 +43,39 @@ CONFIGS = {
     "paper-like (no norm, no aug)": cfg(model={"input_norm": "none"}),
     "l2": cfg(),
     "l2 + input dropout 0.5": cfg(model={"input_dropout": 0.5}),
-    "l2 + views": cfg(style_views=40),
-    "l2 + views + input dropout 0.5": cfg(style_views=40, model={"input_dropout": 0.5}),
-    "l2 + views + prototype partners (8)": cfg(style_views=40, partner_set=8),
-    "l2 + views + proto partners (8) + drop 0.5": cfg(style_views=40, partner_set=8,
+    "l2 + views": cfg(style_views=24),
+    "l2 + views + input dropout 0.5": cfg(style_views=24, model={"input_dropout": 0.5}),
+    "l2 + views + prototype partners (8)": cfg(style_views=24, partner_set=8),
+    "l2 + views + proto partners (8) + drop 0.5": cfg(style_views=24, partner_set=8,
                                                       model={"input_dropout": 0.5}),
-    "l2 + views + proto (8) + drop 0.5, bce": cfg(style_views=40, partner_set=8, loss="bce",
+    "l2 + views + proto (8) + drop 0.5, bce": cfg(style_views=24, partner_set=8, loss="bce",
                                                   model={"input_dropout": 0.5}),
-    "l2 + views + proto (8) + drop 0.5, 4 neg": cfg(style_views=40, partner_set=8, neg_per_pos=4,
+    "l2 + views + proto (8) + drop 0.5, 4 neg": cfg(style_views=24, partner_set=8, neg_per_pos=4,
                                                     model={"input_dropout": 0.5}),
-    "l2 + views + proto (8) + drop 0.5, d128 B2": cfg(style_views=40, partner_set=8,
-                                                      model={"input_dropout": 0.5, "dim": 128,
-                                                             "depth": 2}),
-    "l2 + views + proto (8) + drop 0.5, LARS 0.008": cfg(style_views=40, partner_set=8,
+    "l2 + views + proto (8) + drop 0.5, d256": cfg(style_views=24, partner_set=8,
+                                                   model={"input_dropout": 0.5, "dim": 256}),
+    "l2 + views + proto (8) + drop 0.5, LARS 0.008": cfg(style_views=24, partner_set=8,
                                                          optimizer="lars", lr=0.008, warmup=100,
                                                          weight_decay=5e-5,
                                                          model={"input_dropout": 0.5}),
+    "cosine skip": cfg(model={"cosine_skip": True}),
+    "cosine skip + proto (8)": cfg(partner_set=8, model={"cosine_skip": True}),
+    "cosine skip + drop 0.5": cfg(model={"cosine_skip": True, "input_dropout": 0.5}),
+    "cosine skip + views": cfg(style_views=24, model={"cosine_skip": True}),
+    "cosine skip + views + proto (8)": cfg(style_views=24, partner_set=8,
+                                           model={"cosine_skip": True}),
+    "cosine skip + views + proto (8) + drop 0.5": cfg(style_views=24, partner_set=8,
+                                                      model={"cosine_skip": True,
+                                                             "input_dropout": 0.5}),
+    "centered + views": cfg(style_views=24, model={"center_features": True}),
+    "centered + cosine skip + views": cfg(style_views=24, model={"cosine_skip": True,
+                                                                 "center_features": True}),
+    "centered + cosine skip + views + proto (8)": cfg(style_views=24, partner_set=8,
+                                                      model={"cosine_skip": True,
+                                                             "center_features": True}),
+    "centered + cosine skip + views + proto (8) + drop 0.5": cfg(
+        style_views=24, partner_set=8,
+        model={"cosine_skip": True, "center_features": True, "input_dropout": 0.5}),
 }
 
 
@@ -83,7 +100,7 @@ def table(rows: list[dict], command: str) -> str:
     lines = [
         "## Pretraining ablations (issue 4)",
         "",
-        "Frozen EfficientNet-Lite0 features; reference set Tiny-ImageNet-200 (50 images/class, 20",
+        "Frozen EfficientNet-Lite0 features; reference set Tiny-ImageNet-200 (50 images/class, 30",
         "classes held out for validation); PACS is only the test. **val** = AUROC on the held-out",
         "Tiny-ImageNet classes (the only number used for selection). PACS columns: average AUROC /",
         "FPR95 with the default `resend benchmark` scoring (max softmax of relational logits).",

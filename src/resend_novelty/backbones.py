@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Callable
 
@@ -154,9 +155,19 @@ class ResNet18(Backbone):
         )
         from torchvision.models import ResNet18_Weights, resnet18
 
-        weights = ResNet18_Weights.IMAGENET1K_V1 if pretrained else None
+        net = resnet18(weights=None)
         try:
-            net = resnet18(weights=weights)
+            if pretrained:
+                # weights_only=True: torchvision's own loader would unpickle a cached file as is
+                state = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(
+                    progress=True, check_hash=True, weights_only=True
+                )
+                net.load_state_dict(state)
+        except pickle.UnpicklingError as exc:
+            raise RuntimeError(
+                "refusing the cached ResNet-18 weights in $TORCH_HOME/hub/checkpoints: the file "
+                f"holds more than tensors ({exc.__class__.__name__}); delete it to re-download"
+            ) from None
         except Exception as exc:  # network errors come in many types
             raise RuntimeError(
                 "Could not load the ImageNet weights of ResNet-18: torchvision downloads them on "

@@ -396,20 +396,23 @@ def run_benchmark(
     *,
     lists_dir: str | os.PathLike | None = None,
     max_per_class: int | None = None,
+    check_images: bool = True,
 ) -> dict:
     """Evaluate a detector on every target of ``setting``.
 
     ``make_detector()`` returns a fresh detector; it is first called after every list and image
     has been checked (:func:`load_setting_lists`, which also explains ``lists_dir`` and
     ``max_per_class``). ``features_fn(paths)`` returns backbone features (default: the
-    detector's own cached extractor). Returns a JSON-ready dict
+    detector's own cached extractor); with it, ``check_images=False`` allows the images to be
+    absent (e.g. features exported on another machine). Returns a JSON-ready dict
     ``{"setting", "targets": {name: metrics}, "avg": {"auroc", "fpr95"}, "seconds"}`` (plus
     ``"max_per_class"`` when set).
     """
     if isinstance(setting, str):
         setting = get_setting(setting)
     t0 = time.perf_counter()
-    lists = load_setting_lists(setting, data_root, lists_dir=lists_dir, max_per_class=max_per_class)
+    lists = load_setting_lists(setting, data_root, lists_dir=lists_dir, max_per_class=max_per_class,
+                               check_images=check_images)
     all_paths = sorted({r.path for s, q in lists.values() for r in (*s, *q)})
     det0 = make_detector()
     if features_fn is None:

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .model import RelationalConfig, RelationalModule
+from .model import RelationalConfig, RelationalModule, build_relational
 
 __all__ = [
     "save_checkpoint",
@@ -62,6 +62,7 @@ def save_checkpoint(
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -95,7 +96,7 @@ def load_checkpoint(
         config = RelationalConfig.from_dict(json.loads(meta["config"]))
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: bad model config in metadata: {exc}") from None
-    model = RelationalModule(config)
+    model = build_relational(config)  # the transformer, or an ablation model (config.arch)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tensors = {}
     with safe_open(path, framework="pt", device=str(map_location)) as fh:

@@ -20,6 +20,7 @@ COMMANDS = {
     "features": "features",
     "pretrain": "pretrain",
     "score": "score",
+    "osdg": "osdg",
 }
 
 

@@ -12,6 +12,7 @@ skipped silently.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -47,6 +48,8 @@ class ImageRecord:
 # (`PACS/kfold/<domain>/...` lives at `<data-root>/pacs/<domain>/...`).
 _PREFIX_ALIASES = {"PACS/kfold/": "pacs/"}
 
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+
 
 def resolve_list_path(root: str | os.PathLike, rel: str) -> str:
     """Resolve a list entry under ``root``; official prefixes are mapped (``PACS/kfold/`` -> ``pacs/``).
@@ -80,9 +83,12 @@ def read_list_file(
         raise DataError(f"list file not found: {list_file}")
     records: list[ImageRecord] = []
     missing: list[str] = []
-    with open(list_file, encoding="utf-8") as fh:
+    with open(list_file, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            line = raw.strip()
+            try:
+                line = raw.decode("utf-8-sig").strip()  # -sig: a BOM is not part of a path
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{list_file}:{lineno}: not UTF-8 text ({exc.reason})") from None
             if not line or line.startswith("#"):
                 continue
             parts = line.rsplit(maxsplit=1)
@@ -90,10 +96,10 @@ def read_list_file(
             if len(parts) != 2:
                 raise DataError(f"{where}: expected '<path> <label>', got {line!r}")
             rel, label_s = parts
-            try:
-                label = int(label_s)
-            except ValueError:
-                raise DataError(f"{where}: label {label_s!r} is not an integer") from None
+            # ASCII digits only: int() would also take '1_000' or non-ASCII digits
+            if not _INT_RE.fullmatch(label_s):
+                raise DataError(f"{where}: label {label_s!r} is not an integer")
+            label = int(label_s)
             if label < 0:
                 raise DataError(f"{where}: label {label} is negative")
             path = resolve_list_path(root, rel) if root is not None else rel

@@ -73,7 +73,11 @@ class PrototypeDetector:
         batch_size: int = 64,
         num_workers: int | None = None,
         progress: bool = True,
+        center: bool = False,
+        min_center_batch: int = 16,
     ):
+        self.center = bool(center)
+        self.min_center_batch = int(min_center_batch)
         self._backbone = backbone
         self.device = torch.device(device) if device is not None else default_device()
         self.cache = cache
@@ -186,6 +190,9 @@ class PrototypeDetector:
             )
         self.classes_ = classes
         self.__dict__.pop("threshold_", None)  # a threshold of other prototypes is stale
+        if self.center:
+            self.support_mean_ = features.mean(dim=0)
+            features = features - self.support_mean_
         idx = torch.as_tensor(np.searchsorted(self.classes_, labels))
         protos = torch.zeros(len(self.classes_), features.shape[1])
         protos.index_add_(0, idx, features)
@@ -208,7 +215,34 @@ class PrototypeDetector:
                 f"test features of shape {tuple(features.shape)} do not match the prototypes' "
                 f"dimension {self.prototypes_.shape[1]}"
             )
+        if self.center:
+            features = features - self._test_mean(features)
         return features
+
+    # ----------------------------------------------------------------- test-time centering
+    def set_test_mean(self, features) -> "PrototypeDetector":
+        """Fix the mean used to centre test features (e.g. from a first batch of a stream)."""
+        f = check_features(torch.as_tensor(features, dtype=torch.float32), "test features")
+        self.test_mean_ = f.mean(dim=0) if f.ndim == 2 else f
+        return self
+
+    def _test_mean(self, features: torch.Tensor) -> torch.Tensor:
+        """Transductive centring (``center=True``): support features are centred on the support
+        mean, test features on the mean of the test features scored together (their domain),
+        which removes a shift common to a whole domain (e.g. all sketches) without any label.
+        ``set_test_mean`` fixes the test mean for streams; a batch smaller than
+        ``min_center_batch`` without it is centred on the support mean (no domain shift assumed).
+        """
+        if getattr(self, "test_mean_", None) is not None:
+            return self.test_mean_
+        if features.shape[0] >= self.min_center_batch:
+            return features.mean(dim=0)
+        warnings.warn(
+            f"centring a batch of {features.shape[0]} test features (< {self.min_center_batch}) on "
+            "the support mean; call set_test_mean(features of many test images) for a stream",
+            stacklevel=3,
+        )
+        return self.support_mean_
 
     # ----------------------------------------------------------------- scoring
     def similarities_features(self, features) -> torch.Tensor:
@@ -266,14 +300,15 @@ class PrototypeDetector:
             self.prototypes_ = saved
 
     def loo_scores_features(
-        self, features, labels, block: int = 256
+        self, features, labels, block: int = 16
     ) -> tuple[np.ndarray, np.ndarray]:
         """Leave-one-out normality of support features w.r.t. the fitted prototypes.
 
         For image i of class c (n_c images) the prototype of c becomes
         ``(n_c * p_c - f_i) / (n_c - 1)``; the other prototypes are unchanged. Works for any
         detector: the similarity of each image to its own LOO prototype is computed by swapping
-        ``prototypes_`` for a block of LOO prototypes and keeping the diagonal.
+        ``prototypes_`` for a block of LOO prototypes and keeping the diagonal (``block`` images
+        at a time: ``block`` x more pairs than needed, ``N / block`` calls).
 
         Returns ``(scores, used)``: ``scores`` of the images in classes with >= 2 images,
         ``used`` the boolean mask of those images among ``features``.
@@ -285,9 +320,14 @@ class PrototypeDetector:
         missing = sorted(set(labels.tolist()) - set(self.classes_.tolist()))
         if missing:
             raise ValueError(f"labels {missing} are not classes of the fitted detector")
+        from tqdm.auto import tqdm
+
         idx = np.searchsorted(self.classes_, labels)
         u = self.similarities_features(features).clone()  # (N, K), full prototypes
         used = np.zeros(len(labels), dtype=bool)
+        counts = np.bincount(idx, minlength=len(self.classes_))
+        bar = tqdm(total=int(counts[counts >= 2].sum()), desc="leave-one-out calibration",
+                   unit="img", disable=not getattr(self, "progress", False))
         protos64 = self.prototypes_.double()
         feats64 = features.double()
         for k in range(len(self.classes_)):
@@ -302,6 +342,8 @@ class PrototypeDetector:
                 with self._swapped_prototypes(loo):
                     s = self.similarities_features(features[rows])  # (B, B)
                 u[rows, k] = torch.diagonal(s)
+                bar.update(len(rows))
+        bar.close()
         scores = self.normality_from_similarities(u[torch.as_tensor(used)]).numpy()
         return scores, used
 
@@ -369,6 +411,16 @@ class CosineDetector(PrototypeDetector):
         return F.normalize(features, dim=1) @ F.normalize(self.prototypes_, dim=1).T
 
 
+class CenteredCosineDetector(CosineDetector):
+    """Max cosine after transductive centring (support on its mean, test on its mean)."""
+
+    name = "cosine-centered"
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("center", True)
+        super().__init__(**kwargs)
+
+
 class EuclideanDetector(PrototypeDetector):
     """Normality = minus the Euclidean distance to the nearest class prototype."""
 
@@ -382,14 +434,15 @@ class ReSeNDDetector(PrototypeDetector):
     """ReSeND: u = relational similarity logits to each prototype; normality = max(softmax(u)).
 
     ``model`` is a :class:`RelationalModule`, a checkpoint path, or None for the checkpoint
-    shipped with the package.
+    shipped with the package. ``chunk_pairs``: (test, prototype) pairs scored per batch
+    (default 65536 on GPU, 4096 on CPU); memory stays bounded whatever the number of test images.
     """
 
     name = "resend"
     needs_two_classes = True
 
     def __init__(self, model: RelationalModule | str | os.PathLike | None = None,
-                 chunk_pairs: int = 65536, **kwargs):
+                 chunk_pairs: int | None = None, **kwargs):
         if isinstance(model, RelationalModule):
             self.model = model
         else:
@@ -407,16 +460,31 @@ class ReSeNDDetector(PrototypeDetector):
             )
         self.chunk_pairs = chunk_pairs
         self.model.eval()
+        if kwargs.get("center") is None:  # the model's training decides (config.center_features)
+            self.center = bool(getattr(self.model.config, "center_features", False))
 
     @torch.inference_mode()
     def similarities_features(self, features) -> torch.Tensor:
         model = self.model.to(self.device)
         use_amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            u = model.pairwise_logits(
-                features.to(self.device), self.prototypes_.to(self.device), self.chunk_pairs
-            )
+            # test features stay where they are: pairwise_logits moves them chunk by chunk
+            # pairs per chunk: large on GPU; on CPU small chunks stay in cache, as fast and
+            # without the GBs of activations of 65536 pairs (measured in benchmarks/speed.py)
+            chunk = self.chunk_pairs or (65536 if self.device.type == "cuda" else 4096)
+            u = model.pairwise_logits(features, self.prototypes_.to(self.device), chunk)
         return u.float().cpu()
+
+    def _on_fit(self) -> None:
+        # fail at fit time, not at the first score, when the features come from another backbone
+        want = self.model.config.feature_dim
+        if self.prototypes_.shape[1] != want:
+            got = self.prototypes_.shape[1]
+            del self.prototypes_
+            raise ValueError(
+                f"support features have dimension {got}, the relational module expects {want} "
+                f"(it was trained on {self.model.config.backbone!r} features)"
+            )
 
     def normality_from_similarities(self, u: torch.Tensor) -> torch.Tensor:
         return torch.softmax(u, dim=1).max(dim=1).values
@@ -425,6 +493,7 @@ class ReSeNDDetector(PrototypeDetector):
 DETECTORS = {
     "resend": ReSeNDDetector,
     "cosine": CosineDetector,
+    "cosine-centered": CenteredCosineDetector,
     "euclidean": EuclideanDetector,
 }
 
@@ -438,3 +507,7 @@ def build_detector(method: str, model=None, **kwargs) -> PrototypeDetector:
     if model is not None:
         raise ValueError(f"--model is only used by the resend method, not {method!r}")
     return DETECTORS[method](**kwargs)
+
+
+# the baselines of the paper (knn, mahalanobis, gram, ft-*) register themselves in DETECTORS
+from . import baselines as _baselines  # noqa: E402,F401

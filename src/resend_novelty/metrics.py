@@ -50,6 +50,11 @@ def _check(scores, is_known):
     return scores, is_known.astype(bool)
 
 
+def _unit(v) -> float:
+    """Clip float rounding (sklearn's AP can return 1.0000000000000002) to [0, 1]."""
+    return min(1.0, max(0.0, float(v)))
+
+
 def _both(is_known) -> bool:
     return bool(is_known.any() and (~is_known).any())
 
@@ -82,14 +87,14 @@ def aupr_in(scores, is_known) -> float:
     scores, is_known = _check(scores, is_known)
     if not _both(is_known):
         return math.nan
-    return float(average_precision_score(is_known, scores))
+    return _unit(average_precision_score(is_known, scores))
 
 
 def aupr_out(scores, is_known) -> float:
     scores, is_known = _check(scores, is_known)
     if not _both(is_known):
         return math.nan
-    return float(average_precision_score(~is_known, -scores))
+    return _unit(average_precision_score(~is_known, -scores))
 
 
 def closed_set_accuracy(predicted, labels, is_known=None) -> float:

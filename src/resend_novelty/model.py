@@ -14,8 +14,15 @@ Without positional embeddings the blocks are permutation-equivariant, so the lab
 therefore sigma_ij - is symmetric in (i, j).
 
 Beyond the paper, the module optionally normalises its input features (``input_norm``: ``"l2"``
-or ``"none"``) and applies dropout to them during training (``input_dropout``); both are part of
-the config stored with the weights, so a checkpoint always rebuilds the same function.
+or ``"none"``) and applies dropout to them during training (``input_dropout``), and can add a
+learnable cosine *skip connection* to the logit (``cosine_skip``)::
+
+    logit_ij = c( LN(s^B_0) ) + gamma * (cos(f_i, f_j) - delta)
+
+With the head initialised at zero, training starts from the cosine-similarity detector and the
+transformer learns corrections to it (e.g. invariance to the image domain). All options are part of
+the config stored with the weights, so a checkpoint always rebuilds the same function; the default
+config is exactly the paper's module.
 """
 
 from __future__ import annotations
@@ -26,7 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RelationalConfig", "RelationalModule", "TransformerBlock"]
+__all__ = ["RelationalConfig", "RelationalModule", "TransformerBlock", "build_relational", "ARCHS"]
+
+# "transformer": the paper's relational module; the others are the ablations of the paper's
+# Table 5 (hand-designed aggregation of the two tokens + MLP, resend_novelty.ablation_models)
+ARCHS = ("transformer", "max", "sum", "concat")
 
 
 @dataclass
@@ -40,15 +51,21 @@ class RelationalConfig:
     input_norm: str = "l2"  # "l2" | "none": normalisation of backbone features
     input_dropout: float = 0.0  # dropout on the (normalised) features while training
     backbone: str = "efficientnet_lite0"  # the backbone the module was trained on
+    cosine_skip: bool = False  # add gamma * (cos(f_i, f_j) - delta) to the logit (not in the paper)
+    center_features: bool = False  # trained on per-domain centred features: detectors centre
+    # support features on the support mean and test features on the test mean (not in the paper)
+    arch: str = "transformer"  # relational module; "max"/"sum"/"concat": Table 5 ablations
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.input_norm not in ("l2", "none"):
             raise ValueError(f"input_norm must be 'l2' or 'none', got {self.input_norm!r}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         for name in ("feature_dim", "dim", "depth", "heads"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +99,35 @@ class TransformerBlock(nn.Module):
         s = s + self.mlp(self.norm2(s))  # eq. 4, second line
         return s
 
+    # -- inference helpers of RelationalModule.pairwise_logits: the same function as forward()
+    #    in eval mode, with the attention written out so that work can be skipped or shared
+    def _qkv(self, s: torch.Tensor) -> torch.Tensor:
+        """Packed ``[q, k, v]`` of each token (``(..., 3 dim)``): depends on that token only."""
+        return F.linear(self.norm1(s), self.attn.in_proj_weight, self.attn.in_proj_bias)
+
+    def _pair_forward(
+        self, s: torch.Tensor, qkv: torch.Tensor | None = None, label_only: bool = False
+    ) -> torch.Tensor:
+        """Eval-mode forward of ``s`` ``(P, L, dim)`` given precomputed ``qkv`` (optional);
+        ``label_only`` returns only the updated first (label) token, ``(P, 1, dim)``."""
+        d = s.shape[-1]
+        w, b = self.attn.in_proj_weight, self.attn.in_proj_bias
+        if qkv is not None:
+            q, k, v = qkv.split(d, dim=-1)
+            if label_only:
+                q = q[:, :1]
+        elif label_only:
+            h = self.norm1(s)
+            q = F.linear(h[:, :1], w[:d], b[:d])
+            k, v = F.linear(h, w[d:], b[d:]).split(d, dim=-1)
+        else:
+            q, k, v = self._qkv(s).split(d, dim=-1)
+        heads = self.attn.num_heads
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        s = (s[:, :1] if label_only else s) + self.attn.out_proj(a)
+        return s + self.mlp(self.norm2(s))
+
 
 class RelationalModule(nn.Module):
     """r + c: from two backbone features to the similarity logit (sigmoid gives sigma_ij)."""
@@ -92,6 +138,10 @@ class RelationalModule(nn.Module):
             config = RelationalConfig(**kwargs)
         elif kwargs:
             raise TypeError("pass either a config or keyword arguments, not both")
+        if config.arch != "transformer":
+            raise ValueError(
+                f"arch={config.arch!r} is an ablation model: build it with build_relational(config)"
+            )
         self.config = config
         c = config
         self.proj = nn.Linear(c.feature_dim, c.dim)
@@ -102,6 +152,9 @@ class RelationalModule(nn.Module):
         self.norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, 1)
         self.input_dropout = nn.Dropout(c.input_dropout)
+        if c.cosine_skip:
+            self.cos_scale = nn.Parameter(torch.tensor(10.0))  # gamma
+            self.cos_shift = nn.Parameter(torch.tensor(0.5))  # delta
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -111,6 +164,8 @@ class RelationalModule(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if self.config.cosine_skip:  # start exactly at the cosine detector
+            nn.init.zeros_(self.head.weight)
 
     def normalize(self, features: torch.Tensor) -> torch.Tensor:
         """Input normalisation of backbone features (part of the model's config)."""
@@ -135,28 +190,86 @@ class RelationalModule(nn.Module):
             s = block(s)
         return self.head(self.norm(s[:, 0])).squeeze(-1)  # eq. 5 (logit; sigmoid -> sigma)
 
+    def cosine_term(self, cos: torch.Tensor) -> torch.Tensor:
+        return self.cos_scale * (cos - self.cos_shift)
+
     def forward(self, f_i: torch.Tensor, f_j: torch.Tensor) -> torch.Tensor:
         """Similarity logits of the pairs (f_i[p], f_j[p]); ``torch.sigmoid`` gives sigma in [0, 1]."""
-        return self.relate(self.encode(f_i), self.encode(f_j))
+        logits = self.relate(self.encode(f_i), self.encode(f_j))
+        if self.config.cosine_skip:
+            logits = logits + self.cosine_term(F.cosine_similarity(f_i, f_j, dim=-1))
+        return logits
 
     def pairwise_logits(
         self, queries: torch.Tensor, keys: torch.Tensor, chunk_pairs: int = 65536
     ) -> torch.Tensor:
         """Logits of every (query, key) pair, ``(Nq, Nk)``, in chunks of at most ``chunk_pairs``.
 
-        Each image is projected once (eq. 2); only the pair-dependent blocks run per pair, and
-        memory stays bounded whatever the number of queries.
+        Each image is projected once (eq. 2); only the pair-dependent blocks run per pair.
+        Queries are moved to the model's device and projected chunk by chunk, so memory stays
+        bounded whatever the number of queries. In eval mode, work that does not depend on the
+        pair is shared too: the first block's LayerNorm and q/k/v projection of each token are
+        computed once per image, and the last block updates only the label token (the only one
+        the head reads). Same function as :meth:`relate` (up to float rounding).
         """
-        zq, zk = self.encode(queries), self.encode(keys)
-        nq, nk = zq.shape[0], zk.shape[0]
-        out = torch.empty(nq, nk, device=zq.device, dtype=torch.float32)
+        device = self.proj.weight.device
+        zk = self.encode(keys.to(device))
+        self.encode(queries[:0].to(device))  # dimension check, even without queries
+        nq, nk = queries.shape[0], zk.shape[0]
+        out = torch.empty(nq, nk, device=device, dtype=torch.float32)
         rows = max(1, chunk_pairs // max(nk, 1))
+        fast = self._fast_pairs()
+        if fast:
+            first, last = self.blocks[0], len(self.blocks) - 1
+            label = self.label_token.reshape(1, -1)
+            qkv_label, qkv_k = first._qkv(label), first._qkv(zk)
         for start in range(0, nq, rows):
-            zi = zq[start : start + rows]
+            zi = self.encode(queries[start : start + rows].to(device, non_blocking=True))
             n = zi.shape[0]
-            logits = self.relate(
-                zi.unsqueeze(1).expand(n, nk, -1).reshape(n * nk, -1),
-                zk.unsqueeze(0).expand(n, nk, -1).reshape(n * nk, -1),
-            )
+
+            def pairs(x_i, x_k):  # (n, c), (nk, c) -> (n * nk, c) each, query-major
+                return (x_i.unsqueeze(1).expand(n, nk, -1).reshape(n * nk, -1),
+                        x_k.unsqueeze(0).expand(n, nk, -1).reshape(n * nk, -1))
+
+            if fast:
+                p = n * nk
+                s = torch.stack([label.expand(p, -1), *pairs(zi, zk)], dim=1)  # eq. 3
+                qkv = torch.stack([qkv_label.expand(p, -1), *pairs(first._qkv(zi), qkv_k)], dim=1)
+                s = first._pair_forward(s, qkv, label_only=last == 0)
+                for b in range(1, last + 1):
+                    s = self.blocks[b]._pair_forward(s, label_only=b == last)
+                logits = self.head(self.norm(s[:, 0])).squeeze(-1)
+            else:
+                logits = self.relate(*pairs(zi, zk))
             out[start : start + n] = logits.float().view(n, nk)
+        if self.config.cosine_skip:
+            cos = (F.normalize(queries.to(device).float(), dim=-1)
+                   @ F.normalize(keys.to(device).float(), dim=-1).T)
+            out = out + self.cosine_term(cos).float()
         return out
+
+    def _fast_pairs(self) -> bool:
+        """Whether pairwise_logits may use the shared-work path (eval mode, this very relate)."""
+        return (
+            not self.training
+            and type(self).relate is RelationalModule.relate
+            and len(self.blocks) > 0
+            and all(
+                type(b) is TransformerBlock
+                and b.attn.batch_first
+                and b.attn._qkv_same_embed_dim
+                and b.attn.in_proj_bias is not None
+                and b.attn.bias_k is None
+                and not b.attn.add_zero_attn
+                for b in self.blocks
+            )
+        )
+
+
+def build_relational(config: RelationalConfig) -> RelationalModule:
+    """The relational model of ``config.arch``: the transformer of the paper or an ablation."""
+    if config.arch == "transformer":
+        return RelationalModule(config)
+    from .ablation_models import AggregationModule
+
+    return AggregationModule(config)

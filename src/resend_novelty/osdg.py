@@ -56,6 +56,7 @@ __all__ = [
     "LinearClassifier",
     "train_linear_classifier",
     "crossfit_source_scores",
+    "source_threshold",
     "OpenSetFusion",
     "open_set_metrics",
     "evaluate_osdg",
@@ -277,8 +278,8 @@ def train_linear_classifier(
     features,
     labels,
     seed: int = 0,
-    weight_decay: float = 1e-3,
-    max_iter: int = 300,
+    weight_decay: float = 1e-2,
+    max_iter: int = 100,
     classes: Sequence[int] | None = None,
 ) -> LinearClassifier:
     """ERM linear head (multinomial logistic regression) on frozen backbone features.
@@ -389,6 +390,21 @@ def _as_scores(x, what: str, n: int | None = None) -> np.ndarray:
     return arr
 
 
+def source_threshold(source_scores, accept: float = 0.95) -> float:
+    """Largest threshold that accepts (score >= threshold) at least ``accept`` of the source scores.
+
+    With ``n`` sorted scores ``s``, it is ``s[n - ceil(accept * n)]``: e.g. 100 scores and
+    ``accept=0.95`` give the 6th smallest score, so exactly 95 are accepted (more on ties).
+    """
+    s = np.sort(_as_scores(source_scores, "source scores"))
+    if s.size == 0:
+        raise ValueError("no source scores")
+    if not 0.0 < accept <= 1.0:
+        raise ValueError(f"accept must be in (0, 1], got {accept}")
+    k = int(math.ceil(accept * s.size - 1e-9))
+    return float(s[s.size - max(k, 1)])
+
+
 class OpenSetFusion:
     """Fuse a classifier's MSP with a novelty score; threshold and predict open-set labels.
 
@@ -450,8 +466,7 @@ class OpenSetFusion:
         if self.fixed_threshold is None:
             n = len(m) if m is not None else len(v)
             src = self.fuse(m if m is not None else np.zeros(n), v if v is not None else np.zeros(n))
-            # largest threshold accepting (score >= threshold) at least `accept` of the source
-            self.threshold_ = float(np.quantile(src, 1.0 - self.accept, method="lower"))
+            self.threshold_ = source_threshold(src, self.accept)
             self.source_acceptance_ = float((src >= self.threshold_).mean())
         return self
 
@@ -567,6 +582,7 @@ def run_osdg_benchmark(
     folds: int = 5,
     seed: int = 0,
     progress: bool = True,
+    classifier_cache: dict | None = None,
 ) -> dict:
     """OSDG on every target of a benchmark setting (e.g. ``pacs-multi``): ERM linear head + detector.
 
@@ -575,6 +591,8 @@ def run_osdg_benchmark(
     the support (source) list only; the threshold comes from out-of-fold source scores unless
     ``threshold`` is fixed. Returns ``{"setting", "targets": {name: metrics}, "avg": {"msp":
     {...}, "fused": {...}}, "seconds"}`` with the metrics of :func:`evaluate_osdg`.
+    ``classifier_cache`` (a dict, kept by the caller) reuses the classifier's test and
+    out-of-fold source probabilities across calls with other detectors or fusion options.
     """
     import time
 
@@ -602,13 +620,22 @@ def run_osdg_benchmark(
         q_lab = np.array([r.label for r in test])
         classes = np.unique(s_lab)
         need_source = threshold is None or normalize != "none"
-        src_probs = src_nov = None
+        key = (setting.name, t.name, folds, seed, need_source)
+        cached = classifier_cache.get(key) if classifier_cache is not None else None
+        if cached is None:
+            src_probs = None
+            if need_source:
+                src_probs, _ = crossfit_source_scores(s_lab, clf_feats[s_idx], folds=folds, seed=seed)
+            clf = train_linear_classifier(clf_feats[s_idx], s_lab, seed=seed)
+            cached = (clf.predict_proba(clf_feats[q_idx]), src_probs)
+            if classifier_cache is not None:
+                classifier_cache[key] = cached
+        probs, src_probs = cached
+        src_nov = None
         if need_source:
-            src_probs, src_nov = crossfit_source_scores(
-                s_lab, clf_feats[s_idx], det_feats[s_idx], make_detector, folds=folds, seed=seed
+            _, src_nov = crossfit_source_scores(
+                s_lab, None, det_feats[s_idx], make_detector, folds=folds, seed=seed
             )
-        clf = train_linear_classifier(clf_feats[s_idx], s_lab, seed=seed)
-        probs = clf.predict_proba(clf_feats[q_idx])
         det = make_detector()
         det.fit_features(det_feats[s_idx], s_lab)
         nov = det.score_features(det_feats[q_idx])

@@ -279,7 +279,8 @@ def score_folders(
     feats = detector.features(paths, desc="support features")[0]
     if threshold is None:
         detector.calibrate_features(feats, labels, tpr=tpr)
-        rule = {"source": "support leave-one-out", **detector.calibration_}
+        rule = {"source": "support leave-one-out",
+                **{k: v for k, v in detector.calibration_.items() if k != "rule"}}
     else:
         detector.fit_features(feats, labels)
         detector.threshold_ = float(threshold)

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .checkpoint import save_checkpoint
 from .data import DataError, ImageRecord, load_image, read_list_file, scan_class_folders
 from .metrics import auroc
-from .model import RelationalConfig, RelationalModule
+from .model import RelationalConfig, RelationalModule, build_relational
 from .pairs import PairSampler, Pairs
 
 __all__ = ["TrainConfig", "train", "main", "ReferenceSet", "load_reference_features"]
@@ -108,6 +108,7 @@ class ReferenceSet:
     paths: list[str]  # image of each item ("" for precomputed features)
     is_view: np.ndarray  # item is a stylised view
     class_names: list[str]
+    domain: np.ndarray | None = None  # 0 = original image, 1 + v = stylised view v
 
 
 def _records(cfg: TrainConfig) -> tuple[list[ImageRecord], list[str]]:
@@ -136,7 +137,13 @@ def load_reference_features(cfg: TrainConfig, progress: bool = True) -> Referenc
             raise DataError(f"{cfg.data} must hold 'features' and 'labels' tensors")
         labels = t["labels"].numpy().astype(np.int64)
         n = len(labels)
-        return ReferenceSet(t["features"].float(), labels, [""] * n, np.zeros(n, bool),
+        from .features import check_features
+
+        feats = t["features"].float()
+        if feats.ndim != 2 or feats.shape[0] != n:
+            raise DataError(f"{cfg.data}: features {tuple(feats.shape)} do not match {n} labels")
+        feats = check_features(feats, f"features of {cfg.data}")  # no NaN/inf
+        return ReferenceSet(feats, labels, [""] * n, np.zeros(n, bool),
                             [str(c) for c in np.unique(labels)])
     from .augment import DomainShiftView
     from .backbones import build_backbone
@@ -150,6 +157,7 @@ def load_reference_features(cfg: TrainConfig, progress: bool = True) -> Referenc
     labels = [np.array([r.label for r in records])]
     all_paths = list(paths)
     is_view = [np.zeros(len(records), bool)]
+    domain = [np.zeros(len(records), np.int64)]
     if cfg.style_views:
         by_class: dict[int, list[ImageRecord]] = {}
         for r in records:
@@ -167,8 +175,19 @@ def load_reference_features(cfg: TrainConfig, progress: bool = True) -> Referenc
             labels.append(np.array([r.label for r in sel]))
             all_paths += [r.path for r in sel]
             is_view.append(np.ones(len(sel), bool))
+            domain.append(np.full(len(sel), 1 + v, np.int64))
     return ReferenceSet(torch.cat(feats), np.concatenate(labels), all_paths,
-                        np.concatenate(is_view), classes)
+                        np.concatenate(is_view), classes, np.concatenate(domain))
+
+
+def center_by_domain(feats: torch.Tensor, domain: np.ndarray, fit_mask: np.ndarray) -> torch.Tensor:
+    """Subtract from every item the mean feature of its domain (means over ``fit_mask`` items)."""
+    out = feats.clone()
+    for d in np.unique(domain):
+        rows = torch.as_tensor(np.flatnonzero(domain == d))
+        fit_rows = torch.as_tensor(np.flatnonzero((domain == d) & fit_mask))
+        out[rows] -= feats[fit_rows].mean(dim=0)
+    return out
 
 
 def split_validation(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +204,8 @@ def split_validation(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndar
 
 @torch.no_grad()
 def validation_auroc(model: RelationalModule, feats: torch.Tensor, labels: np.ndarray,
-                     is_view: np.ndarray, val_classes: np.ndarray, seed: int) -> float:
+                     is_view: np.ndarray, val_classes: np.ndarray, seed: int,
+                     center: bool = False) -> float:
     """Fine-tuning-free novelty AUROC on held-out classes.
 
     Half of the held-out classes are known: prototypes from the first half of their original
@@ -209,18 +229,29 @@ def validation_auroc(model: RelationalModule, feats: torch.Tensor, labels: np.nd
             test_idx.extend(items.tolist())
     support_idx, test_idx = np.array(support_idx), np.array(test_idx)
     s_lab = labels[support_idx]
-    protos = torch.stack([feats[support_idx[s_lab == c]].mean(0) for c in known])
+    fs = feats[support_idx]
+    if center:  # as the detectors do: support on its mean, each test set on its own mean
+        fs = fs - fs.mean(dim=0)
+    protos = torch.stack([fs[s_lab == c].mean(0) for c in known])
     was_training = model.training
     model.eval()
-    u = model.pairwise_logits(feats[test_idx], protos)
-    model.train(was_training)
-    normality = torch.softmax(u.float(), dim=1).max(1).values.cpu().numpy()
-    is_known = np.isin(labels[test_idx], known)
-    score = auroc(normality, is_known)
+
+    def normality(idx):
+        ft = feats[idx]
+        if center:
+            ft = ft - ft.mean(dim=0)
+        u = model.pairwise_logits(ft, protos)
+        return torch.softmax(u.float(), dim=1).max(1).values.cpu().numpy()
+
     views = is_view[test_idx]
-    if views.any() and is_known[views].any() and (~is_known[views]).any():
+    orig_idx = test_idx[~views]
+    score = auroc(normality(orig_idx), np.isin(labels[orig_idx], known))
+    view_idx = test_idx[views]
+    is_known_v = np.isin(labels[view_idx], known)
+    if len(view_idx) and is_known_v.any() and (~is_known_v).any():
         # cross-domain: photo prototypes vs stylised test views only (like PACS single-source)
-        score = 0.5 * (score + auroc(normality[views], is_known[views]))
+        score = 0.5 * (score + auroc(normality(view_idx), is_known_v))
+    model.train(was_training)
     return score
 
 
@@ -373,7 +404,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         backbone = build_backbone(cfg.backbone)
         mcfg.setdefault("feature_dim", backbone.feature_dim)
     mcfg.setdefault("backbone", cfg.backbone)
-    model = RelationalModule(RelationalConfig(**mcfg))
+    model = build_relational(RelationalConfig(**mcfg))  # arch: transformer or an ablation
     step, best = 0, -math.inf
     state = None
     if resume:
@@ -408,6 +439,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     val_feats = None
     if feats is not None and len(val_classes):
         val_feats = feats
+    center = bool(model.config.center_features)
+    if center and feats is not None:
+        domain = ref.domain if ref.domain is not None else np.zeros(len(ref.labels), np.int64)
+        feats = center_by_domain(feats, domain, train_mask)
 
     # ---- interruption: finish the step, checkpoint, stop
     stop = {"flag": False}
@@ -488,7 +523,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             rec = {"step": step, "loss": loss_total, "lr": sched.get_last_lr()[0]}
             if cfg.val_every and step % cfg.val_every == 0 and val_feats is not None:
                 last_val = validation_auroc(model, val_feats, ref.labels, ref.is_view,
-                                            val_classes, cfg.seed)
+                                            val_classes, cfg.seed, center=center)
                 rec["val_auroc"] = last_val
                 if rank == 0 and last_val > best:
                     best = last_val
@@ -591,8 +626,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="different-class partners per anchor (paper 1; official code 20)")
     p.add_argument("--no-balance", dest="balance", action="store_false",
                    help="draw negatives proportionally to class size and weight all pairs equally")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of pair sampling, initialisation and validation split")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="write a resumable checkpoint every K steps (also on SIGINT/SIGTERM)")
     p.add_argument("--val-every", type=int, default=d.val_every,
                    help="validation AUROC on held-out reference classes every K steps (0 = never)")
     p.add_argument("--val-classes", type=int, default=d.val_classes,
@@ -606,25 +643,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "items of its class, like the class prototypes used at evaluation (paper: 1)")
     p.add_argument("--dim", type=int, default=None, help="token width (default 256)")
     p.add_argument("--depth", type=int, default=None, help="transformer blocks B (default 4)")
-    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default 4)")
     p.add_argument("--dropout", type=float, default=None, help="dropout inside the blocks")
     p.add_argument("--input-dropout", type=float, default=None,
                    help="dropout on the input features while training")
     p.add_argument("--input-norm", choices=("l2", "none"), default=None,
                    help="feature normalisation before the projection (default l2)")
+    p.add_argument("--cosine-skip", dest="cosine_skip", action="store_true", default=None,
+                   help="add a learnable cosine skip gamma*(cos(f_i,f_j)-delta) to the logit; the "
+                   "head starts at zero, so training starts from the cosine detector (not in the paper)")
+    p.add_argument("--center-features", dest="center_features", action="store_true",
+                   default=None, help="train on features centred per domain (original images, "
+                   "each stylised view); detectors then centre support and test features on their "
+                   "own means (transductive; not in the paper)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on GPU")
-    p.add_argument("--device", default=None)
-    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="image-decoding worker processes")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/latest.json exactly where the run stopped")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def config_from_args(args) -> TrainConfig:
     model = {k: getattr(args, a) for k, a in (("dim", "dim"), ("depth", "depth"), ("heads", "heads"),
                                               ("dropout", "dropout"),
                                               ("input_dropout", "input_dropout"),
-                                              ("input_norm", "input_norm"))
+                                              ("input_norm", "input_norm"),
+                                              ("cosine_skip", "cosine_skip"),
+                                              ("center_features", "center_features"))
              if getattr(args, a) is not None}
     names = {f.name for f in fields(TrainConfig)} - {"model"}
     kw = {n: getattr(args, n) for n in names if hasattr(args, n)}

@@ -11,21 +11,25 @@ from pathlib import Path
 def add_detector_options(p: argparse.ArgumentParser) -> None:
     from ..detectors import DETECTORS
 
+    from ..baselines import METHOD_HELP, add_baseline_options
+
     p.add_argument(
         "--method", default="resend", choices=sorted(DETECTORS),
         help="novelty score: 'resend' (relational model, max softmax of similarities to class "
         "prototypes), 'cosine' (max cosine to prototypes) or 'euclidean' (minus distance to the "
-        "nearest prototype). Default: resend",
+        "nearest prototype); baselines of the paper: "
+        + "; ".join(f"'{k}' ({v})" for k, v in METHOD_HELP.items()) + ". Default: resend",
     )
     p.add_argument(
         "--model", default=None, metavar="CKPT",
-        help="relational checkpoint (.safetensors) for --method resend; default: the checkpoint "
-        "shipped with the package",
+        help="relational checkpoint (.safetensors) for --method resend (and, for ft-* methods with "
+        "--ft-budget resend, the model whose evaluation time sets the budget); default: the "
+        "checkpoint shipped with the package",
     )
     p.add_argument(
         "--backbone", default=None,
-        help="backbone for cosine/euclidean (default efficientnet_lite0; resend uses the backbone "
-        "its checkpoint was trained on)",
+        help="backbone for every method but resend (default efficientnet_lite0; resend uses the "
+        "backbone its checkpoint was trained on)",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per backbone batch (default 64)")
@@ -36,6 +40,7 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_baseline_options(p)
 
 
 def detector_factory(args):
@@ -54,8 +59,10 @@ def detector_factory(args):
             raise ValueError(
                 f"--backbone {args.backbone} differs from the checkpoint's backbone {bb_name}"
             )
-    elif args.model:
-        raise ValueError(f"--model is only used by --method resend, not {args.method}")
+    elif args.model and not (args.method.startswith("ft-")
+                                    and getattr(args, "ft_budget", "resend") == "resend"):
+        raise ValueError(f"--model is only used by --method resend (and by ft-* methods with "
+                         f"--ft-budget resend), not {args.method}")
     else:
         bb_name = args.backbone or "efficientnet_lite0"
     backbone = build_backbone(bb_name)  # built once, shared by every detector
@@ -63,6 +70,10 @@ def detector_factory(args):
         backbone=backbone, device=args.device, cache=cache, batch_size=args.batch_size,
         num_workers=args.workers, progress=not args.quiet,
     )
+
+    from ..baselines import baseline_kwargs
+
+    common.update(baseline_kwargs(args))
 
     def make():
         return build_detector(args.method, model=model, **common)

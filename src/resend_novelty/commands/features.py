@@ -17,14 +17,17 @@ def add_parser(sub, name):
     )
     p.add_argument("data", help="image directory or list file")
     p.add_argument("--root", default=None, help="root of the list file's paths")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--device", default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   help="backbone name (default efficientnet_lite0)")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per backbone batch (default 64)")
+    p.add_argument("--workers", type=int, default=None, help="image-decoding worker processes")
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache directory (default $RESEND_CACHE or ~/.cache/resend_novelty)")
     p.add_argument("--export", default=None, metavar="OUT.safetensors",
                    help="also write features, labels and paths to this file")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 

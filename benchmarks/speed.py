@@ -1,0 +1,753 @@
+"""Speed of ReSeND: batched scoring vs a one-image-at-a-time loop, feature extraction,
+pretraining throughput and the wall time of the 7 PACS settings (issue 8).
+
+    python benchmarks/speed.py --data-root ../shared/data                 # parts a b c d (warm cache)
+    python benchmarks/speed.py --parts a --n-test 2048 --loop-n 200       # scorer only, no data needed
+    python benchmarks/speed.py --parts d --cold --data-root ../shared/data   # + cold feature cache
+
+Parts (all in one process, on one ``--device``; every number below is measured in this run):
+
+a. Relational scoring of N test features against K prototypes with a default
+   :class:`RelationalConfig` (1280-d features, random weights: timing only). *Batched* =
+   ``ReSeNDDetector.score_features`` (all pairs in large chunks under ``inference_mode``, each
+   image projected once, bf16 autocast on CUDA). *Loop* = the official approach: for each test
+   image build its K pairs and run the full model forward on them (projection included), fp32.
+   The loop runs on the first ``--loop-n`` images and is extrapolated per image to N; the scores
+   of those images must agree (allclose). On CPU it is repeated with 1 thread (``--a-threads``).
+b. Feature extraction (EfficientNet-Lite0, no cache) of a fixed subset of PACS images (evenly
+   spaced over the sorted file list) or of ``--images DIR``: images/s from JPEG files, and of the
+   backbone alone on already-decoded tensors.
+c. Pretraining pairs/s: frozen-backbone mode on a synthetic .safetensors features file, and
+   end-to-end mode (``TrainConfig(frozen_backbone=False)``) on a handful of PACS images given as
+   a list file. A 1-step warm-up run precedes each timed run.
+d. Wall time of the 7 PACS targets (pacs-multi 4 + pacs-single 3) through
+   ``benchmark.run_benchmark`` from images, with the cosine and the resend method. ``--cold``
+   first runs them with a fresh, empty ``RESEND_CACHE`` (full extraction of every image), then
+   again warm; without it only the existing cache is used (its coverage is reported).
+   ``--features-file F`` (from ``resend features DIR --export F``) replaces images and cache by
+   exported features (for a machine that has the lists but not the images).
+
+Peak RSS (main process, sampled) and peak GPU memory (``torch.cuda.max_memory_allocated``) are
+reported for every measurement. Results go to BENCHMARKS.md, section ``speed`` (``--section``);
+each part keeps its own block there, so parts can be rerun separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import BENCHMARKS_MD, machine, update_section  # noqa: E402
+
+PARTS = ("a", "b", "c", "d")
+PART_TITLES = {
+    "a": "(a) Relational scoring: batched vs one test image at a time",
+    "b": "(b) Feature extraction (EfficientNet-Lite0, no cache)",
+    "c": "(c) Pretraining throughput",
+    "d": "(d) PACS, all 7 targets, from images",
+}
+
+
+# --------------------------------------------------------------------------- measurement helpers
+def _current_rss() -> int | None:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        pass
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Peak:
+    """Peak RSS of this process (sampled every ``interval`` s) and peak GPU memory in a block.
+
+    Where the current RSS cannot be read, falls back to ``ru_maxrss`` (peak of the process so
+    far, not of the block).
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.02):
+        self.device, self.interval = device, interval
+        self.rss_mb: float | None = None
+        self.gpu_mb: float | None = None
+
+    def __enter__(self):
+        self._peak = _current_rss()
+        self.start_mb = None if self._peak is None else self._peak / 2**20
+        self._stop = threading.Event()
+        if self._peak is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            rss = _current_rss()
+            if rss is not None and rss > self._peak:
+                self._peak = rss
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.gpu_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self._stop.set()
+        if self._peak is not None:
+            self._thread.join()
+            rss = _current_rss()
+            self.rss_mb = max(self._peak, rss or 0) / 2**20
+        else:  # ru_maxrss: KiB on Linux
+            self.rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return False
+
+    def json(self) -> dict:
+        return {"peak_rss_mb": self.rss_mb, "start_rss_mb": self.start_mb, "peak_gpu_mb": self.gpu_mb}
+
+
+def rss_cell(r: dict) -> str:
+    """Peak RSS, with the RSS at the start of the measurement (memory the process already held)."""
+    start = r.get("start_rss_mb")
+    return f"{r['peak_rss_mb']:.0f}" + ("" if start is None else f" (start {start:.0f})")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class threads:
+    """Temporarily set torch's intra-op thread count (None: unchanged)."""
+
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+        return False
+
+
+# --------------------------------------------------------------------------- part a
+@torch.inference_mode()
+def reference_loop_scores(model, prototypes: torch.Tensor, test: torch.Tensor,
+                          device: torch.device) -> np.ndarray:
+    """The official approach: one test image at a time, its K pairs through the full model."""
+    protos = prototypes.to(device)
+    k = protos.shape[0]
+    out = np.empty(len(test))
+    for i in range(len(test)):
+        f = test[i : i + 1].to(device).expand(k, -1)  # the K pairs (test image, prototype c)
+        logits = model(f, protos)  # eq. 2 projection of both images + blocks + head
+        out[i] = torch.softmax(logits.float(), dim=0).max().item()  # normality of image i
+    return out
+
+
+def part_a(device: torch.device, n_test: int = 2048, n_protos: int = 6, loop_n: int = 200,
+           thread_counts=(None,), chunk_pairs: int | None = None, seed: int = 0,
+           config: dict | None = None, plain_row: bool = True, model=None) -> dict:
+    """Batched scorer vs the one-at-a-time loop. Returns rows and the scores of both (checked).
+
+    ``model``: a RelationalModule to time instead of a fresh default one (``config``).
+    """
+    from resend_novelty.detectors import ReSeNDDetector
+    from resend_novelty.model import RelationalConfig, RelationalModule
+
+    torch.manual_seed(seed)
+    if model is None:
+        model = RelationalModule(RelationalConfig(**(config or {})))
+    cfg = model.config
+    model = model.eval().to(device)
+    g = torch.Generator().manual_seed(seed)
+    # backbone features are non-negative (pooled ReLU6 activations)
+    protos = torch.rand(n_protos, cfg.feature_dim, generator=g)
+    test = torch.rand(n_test, cfg.feature_dim, generator=g)
+    det = ReSeNDDetector(model=model, backbone=None, device=device, progress=False,
+                         chunk_pairs=chunk_pairs)
+    det.fit_features(protos, np.arange(n_protos))
+    loop_n = max(1, min(loop_n, n_test))
+    amp = device.type == "cuda"
+    tol = 5e-2 if amp else 1e-4  # bf16 batched vs fp32 loop on GPU; both fp32 on CPU
+    rows = []
+    batched = loop = None
+    for nt in thread_counts:
+        with threads(nt):
+            nthreads = torch.get_num_threads()
+            det.score_features(test[: min(n_test, 64)])  # warm-up
+            reference_loop_scores(model, protos, test[:2], device)
+            variants = [("batched", None)]
+            if plain_row:
+                variants.append(("batched, plain relate (no shared work)", False))
+            for label, fast in variants:
+                if fast is False:
+                    model._fast_pairs = lambda: False  # instance override: generic relate path
+                try:
+                    with Peak(device) as pk:
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        scores = det.score_features(test)
+                        _sync(device)
+                        tb = time.perf_counter() - t0
+                finally:
+                    model.__dict__.pop("_fast_pairs", None)
+                if fast is None:
+                    batched = scores
+                rows.append({"variant": label, "threads": nthreads, "n_test": n_test,
+                             "n_protos": n_protos, "seconds": tb, "ms_per_image": 1e3 * tb / n_test,
+                             **pk.json()})
+            with Peak(device) as pk:
+                _sync(device)
+                t0 = time.perf_counter()
+                loop = reference_loop_scores(model, protos, test[:loop_n], device)
+                _sync(device)
+                tl = time.perf_counter() - t0
+            per_img = tl / loop_n
+            diff = float(np.abs(batched[:loop_n] - loop).max())
+            if not np.allclose(batched[:loop_n], loop, atol=tol, rtol=0):
+                raise AssertionError(f"batched and loop scores differ by up to {diff:.2e} (tol {tol})")
+            loop_row = {"variant": "loop (official: one test image, K pairs, full forward)",
+                        "threads": nthreads, "n_test": n_test, "n_protos": n_protos,
+                        "loop_n": loop_n, "loop_seconds": tl, "ms_per_image": 1e3 * per_img,
+                        "seconds": per_img * n_test, "max_abs_score_diff": diff, **pk.json()}
+            for r in rows:
+                if r["threads"] == nthreads and "ratio" not in r and r is not loop_row:
+                    r["ratio"] = loop_row["seconds"] / r["seconds"]
+            rows.append(loop_row)
+    return {"rows": rows, "batched_scores": batched, "loop_scores": loop, "tolerance": tol,
+            "config": cfg.to_dict()}
+
+
+def format_a(res: dict, device: torch.device) -> str:
+    rows = res["rows"]
+    r0, c = rows[0], res["config"]
+    lines = [
+        f"`RelationalConfig` feature_dim {c['feature_dim']}, dim {c['dim']}, depth {c['depth']}, "
+        f"heads {c['heads']} (the default), random weights; "
+        f"N = {r0['n_test']} test features x K = {r0['n_protos']} prototypes, device {device.type}"
+        + (" (bf16 autocast for the batched scorer)" if device.type == "cuda" else " (fp32)") + ". "
+        "The loop runs the first `loop_n` test images and is extrapolated per image to N. Ratio = "
+        "loop time / batched time for the same N and thread count.",
+        "",
+        "| scorer | threads | time for N (s) | ms / test image | ratio vs loop | max abs score diff | "
+        "peak RSS MB | GPU peak MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "loop_n" in r:
+            name = f"{r['variant']}, {r['loop_n']} images timed, extrapolated"
+            ratio = "1"
+            diff = f"{r['max_abs_score_diff']:.1e}"
+        else:
+            name, ratio, diff = r["variant"], f"**{r['ratio']:.1f}x**", ""
+        gpu = "-" if r["peak_gpu_mb"] is None else f"{r['peak_gpu_mb']:.0f}"
+        lines.append(f"| {name} | {r['threads']} | {r['seconds']:.2f} | {r['ms_per_image']:.2f} | "
+                     f"{ratio} | {diff} | {rss_cell(r)} | {gpu} |")
+    by_t = {}
+    for r in rows:
+        by_t.setdefault(r["threads"], {})["loop" if "loop_n" in r else r["variant"]] = r
+    if len(by_t) > 1:
+        desc = "; ".join(f"{t} thread(s): loop {v['loop']['ms_per_image']:.2f} ms, batched "
+                         f"{v['batched']['ms_per_image']:.2f} ms per test image"
+                         for t, v in by_t.items() if "loop" in v and "batched" in v)
+        lines += ["", f"Per test image, {desc}. Both scorers do the same arithmetic per pair "
+                  "(about 19 MFLOP); the batched one only runs it as large matrix products and "
+                  "skips the pair-independent work. Thread synchronisation costs the loop's "
+                  "hundreds of small operations per image far more than the batched scorer's few "
+                  "large ones, increasingly so when other processes keep the cores busy (load "
+                  "average below): the 1-thread row is the ratio without that effect."]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- part b
+def pacs_subset(data_root: Path, n: int) -> list[str]:
+    from resend_novelty.data import list_images
+
+    paths = list_images(Path(data_root) / "pacs")
+    idx = np.linspace(0, len(paths) - 1, num=min(n, len(paths))).round().astype(int)
+    return [paths[i] for i in sorted(set(idx.tolist()))]
+
+
+def part_b(device: torch.device, paths: list[str], batch_size: int = 64,
+           workers: int | None = None, backbone_only_n: int = 128) -> dict:
+    from resend_novelty.backbones import build_backbone
+    from resend_novelty.data import load_image
+    from resend_novelty.features import extract_features
+
+    bb = build_backbone("efficientnet_lite0")
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    kw = dict(cache=False, batch_size=batch_size, num_workers=workers, device=device,
+              progress=False)
+    extract_features(bb, paths[: min(len(paths), 8)], **kw)  # warm-up (weights to device)
+    with Peak(device) as pk:
+        t0 = time.perf_counter()
+        feats = extract_features(bb, paths, **kw)
+        _sync(device)
+        t = time.perf_counter() - t0
+    assert feats.shape == (len(paths), bb.feature_dim)
+    out = {"n_images": len(paths), "batch_size": batch_size, "workers": workers, "seconds": t,
+           "images_per_s": len(paths) / t, **pk.json()}
+    # the backbone alone, on images decoded and preprocessed beforehand
+    m = min(backbone_only_n, len(paths))
+    x = torch.stack([bb.transform(load_image(p)) for p in paths[:m]])
+    model = bb.to(device).to(memory_format=torch.channels_last).eval()
+    amp = device.type == "cuda"
+
+    def run():
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            for s in range(0, m, batch_size):
+                xb = x[s : s + batch_size].to(device, non_blocking=True)
+                model(xb.contiguous(memory_format=torch.channels_last))
+        _sync(device)
+
+    run()  # warm-up
+    with Peak(device) as pk2:
+        t0 = time.perf_counter()
+        run()
+        t2 = time.perf_counter() - t0
+    out.update(backbone_only_n=m, backbone_only_images_per_s=m / t2,
+               backbone_only=pk2.json())
+    return out
+
+
+def format_b(r: dict, device: torch.device) -> str:
+    gpu = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+    bo = r["backbone_only"]
+    return "\n".join([
+        f"EfficientNet-Lite0 (224x224 after Resize 256 / CenterCrop), device {device.type}"
+        + (", channels_last + bf16 autocast" if device.type == "cuda" else ", channels_last, fp32")
+        + f", batch {r['batch_size']}, {r['workers']} DataLoader workers"
+        + (" + pinned memory" if device.type == "cuda" else "") + "; no feature cache.",
+        "",
+        "| what | images | wall s | images/s | peak RSS MB (main process) | GPU peak MB |",
+        "|---|---|---|---|---|---|",
+        f"| JPEG files -> features (`extract_features`, decode + preprocess + backbone) | "
+        f"{r['n_images']} | {r['seconds']:.1f} | **{r['images_per_s']:.1f}** | "
+        f"{rss_cell(r)} | {gpu(r['peak_gpu_mb'])} |",
+        f"| backbone alone (decoded tensors) | {r['backbone_only_n']} | "
+        f"{r['backbone_only_n'] / r['backbone_only_images_per_s']:.1f} | "
+        f"{r['backbone_only_images_per_s']:.1f} | {rss_cell(bo)} | "
+        f"{gpu(bo['peak_gpu_mb'])} |",
+    ])
+
+
+# --------------------------------------------------------------------------- part c
+def _num(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _train_timed(cfg_kw: dict, out_dir: Path, device: torch.device) -> dict:
+    from resend_novelty.train import TrainConfig, train
+
+    common = dict(val_every=0, val_classes=0, checkpoint_every=10**9, workers=0,
+                  device=str(device))
+    warm = TrainConfig(**{**cfg_kw, **common, "steps": 1, "out": str(out_dir / "warmup")})
+    train(warm, progress=False)
+    cfg = TrainConfig(**{**cfg_kw, **common, "out": str(out_dir / "timed")})
+    with Peak(device) as pk:
+        t0 = time.perf_counter()
+        s = train(cfg, progress=False)
+        wall = time.perf_counter() - t0
+    return {"steps": s["step"], "batch_pairs": cfg.batch_pairs, "pairs_per_s": s["pairs_per_s"],
+            "loop_seconds": s["seconds"], "wall_seconds": wall, "optimizer": cfg.optimizer,
+            **pk.json()}
+
+
+def part_c(device: torch.device, data_root: Path | None, tmp: Path, steps: int = 3,
+           batch_pairs: int = 4096, items: int = 8192, classes: int = 64,
+           e2e_steps: int = 3, e2e_batch: int = 16, e2e_images: int = 32,
+           optimizer: str = "lars", modes=("frozen", "end-to-end"), feature_dim: int = 1280,
+           model_cfg: dict | None = None) -> dict:
+    """Timed pretraining runs; ``model_cfg``: RelationalConfig overrides (default: none)."""
+    from safetensors.torch import save_file
+
+    model_cfg = dict(model_cfg or {})
+
+    out = {}
+    if "frozen" in modes:
+        n = max(items, batch_pairs)  # every batch full: 2 n pairs per epoch (1 negative each)
+        g = torch.Generator().manual_seed(0)
+        feats = torch.rand(n, feature_dim, generator=g)
+        labels = torch.arange(n) % classes
+        f = tmp / "synthetic_features.safetensors"
+        save_file({"features": feats, "labels": labels}, str(f))
+        out["frozen"] = _train_timed(dict(data=str(f), steps=steps, batch_pairs=batch_pairs,
+                                          optimizer=optimizer, model=model_cfg),
+                                     tmp / "frozen", device)
+        out["frozen"].update(items=n, classes=classes, feature_dim=feature_dim)
+    if "end-to-end" in modes:
+        if data_root is None:
+            raise SystemExit("part c end-to-end needs --data-root (PACS images)")
+        # a handful of PACS photos: 4 classes x (e2e_images / 4) images, as a list file
+        photo = Path(data_root) / "pacs" / "photo"
+        cls = sorted(d.name for d in photo.iterdir() if d.is_dir())[:4]
+        per = max(2, e2e_images // len(cls))
+        lines = []
+        for label, c in enumerate(cls):
+            files = sorted(p for p in (photo / c).iterdir() if p.is_file())[:per]
+            lines += [f"{p} {label}" for p in files]
+        lst = tmp / "e2e_reference.txt"
+        lst.write_text("\n".join(lines) + "\n")
+        out["end-to-end"] = _train_timed(dict(data=str(lst), frozen_backbone=False,
+                                              steps=e2e_steps, batch_pairs=e2e_batch,
+                                              optimizer=optimizer, model=model_cfg),
+                                         tmp / "e2e", device)
+        out["end-to-end"].update(items=len(lines), classes=len(cls))
+    return out
+
+
+def format_c(r: dict, device: torch.device) -> str:
+    gpu = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+    lines = [
+        f"`resend_novelty.train.train`, default `RelationalConfig` (dim 256, depth 4), MSE loss, "
+        f"device {device.type}" + (" with bf16 autocast" if device.type == "cuda" else ", fp32")
+        + ". Pairs/s = the trainer's own rate over the timed run (after a separate 1-step "
+        "warm-up run; includes the final checkpoint write).",
+        "",
+        "| mode | reference set | optimizer | steps | pairs / step | pairs/s | train loop / wall s | "
+        "peak RSS MB | GPU peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    desc = {"frozen": "synthetic {feature_dim}-d features, {items} items / {classes} classes "
+                      "(.safetensors)",
+            "end-to-end": "{items} PACS photos, {classes} classes (list file), EfficientNet-Lite0 "
+                          "fine-tuned"}
+    for mode, v in r.items():
+        lines.append(f"| {mode} | {desc[mode].format(**v)} | {v['optimizer']} | {v['steps']} | "
+                     f"{v['batch_pairs']} | **{_num(v['pairs_per_s'])}** | {v['loop_seconds']:.1f} / {v['wall_seconds']:.1f} | "
+                     f"{rss_cell(v)} | {gpu(v['peak_gpu_mb'])} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- part d
+def features_file_lookup(path: str | Path):
+    """``features_fn(paths)`` for run_benchmark from an exported features file.
+
+    Exported paths are matched to the benchmark's paths by their trailing components (relative
+    to the common folder of the exported paths), so the file may come from another machine.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        feats = fh.get_tensor("features").float()
+    if "paths" not in meta:
+        raise ValueError(f"{path} has no 'paths' metadata: export it with `resend features --export`")
+    exported = [Path(p) for p in json.loads(meta["paths"])]
+    common = Path(os.path.commonpath([str(p) for p in exported])) if len(exported) > 1 else exported[0].parent
+    index, lengths = {}, set()
+    for i, p in enumerate(exported):
+        rel = p.relative_to(common).parts
+        index[rel] = i
+        lengths.add(len(rel))
+
+    def features_fn(paths):
+        rows = []
+        for p in paths:
+            parts = Path(p).parts
+            hit = next((index[parts[-n:]] for n in sorted(lengths) if parts[-n:] in index), None)
+            if hit is None:
+                raise KeyError(f"{p} is not in the features file {path}")
+            rows.append(hit)
+        return feats[rows]
+
+    return features_fn, feats.shape[0]
+
+
+def _cache_coverage(data_root: Path) -> tuple[int, int]:
+    from resend_novelty.backbones import build_backbone
+    from resend_novelty.benchmark import load_setting_lists
+    from resend_novelty.cache import FeatureCache, image_key
+
+    paths = set()
+    for name in ("pacs-multi", "pacs-single"):
+        for s, q in load_setting_lists(name, data_root).values():
+            paths.update(r.path for r in (*s, *q))
+    bb = build_backbone("efficientnet_lite0")
+    hit = FeatureCache().get_many(bb.cache_namespace, [image_key(p) for p in paths])
+    return len(hit), len(paths)
+
+
+def part_d(device: torch.device, data_root: Path, tmp: Path, cold: bool = False,
+           features_file: str | None = None, max_per_class: int | None = None,
+           progress: bool = True, chunk_pairs: int | None = None) -> dict:
+    from resend_novelty.backbones import build_backbone
+    from resend_novelty.benchmark import get_setting, run_benchmark
+    from resend_novelty.checkpoint import CheckpointError, default_checkpoint_path, load_checkpoint, save_checkpoint
+    from resend_novelty.detectors import build_detector
+    from resend_novelty.model import RelationalConfig, RelationalModule
+
+    try:
+        model = load_checkpoint(default_checkpoint_path())
+        model_note = "shipped checkpoint `resend_lite0.safetensors`"
+    except CheckpointError as exc:
+        print(f"  {exc}", flush=True)
+        torch.manual_seed(0)
+        ck = tmp / "random_relational.safetensors"
+        save_checkpoint(RelationalModule(RelationalConfig()), ck)
+        model = load_checkpoint(ck)
+        model_note = ("no shipped checkpoint: a RANDOM default RelationalModule saved to a temp "
+                      "file and loaded (timing only; its AUROC is meaningless)")
+    features_fn = None
+    if features_file:
+        features_fn, n_feats = features_file_lookup(features_file)
+        bb = None
+    else:
+        bb = build_backbone("efficientnet_lite0")
+    saved_env = os.environ.get("RESEND_CACHE")
+    passes = ["warm"]
+    coverage = None
+    if cold:
+        cache_dir = Path(tempfile.mkdtemp(prefix="resend_speed_cache_", dir=tmp))
+        os.environ["RESEND_CACHE"] = str(cache_dir)
+        passes = ["cold", "warm"]
+    elif not features_file:
+        coverage = _cache_coverage(data_root)
+    runs = []
+    try:
+        for p in passes:
+            for method in ("cosine", "resend"):
+                for name in ("pacs-multi", "pacs-single"):
+                    def make(method=method):
+                        return build_detector(method, model=model if method == "resend" else None,
+                                              backbone=bb, device=device, progress=progress,
+                                              **({"chunk_pairs": chunk_pairs} if method == "resend" else {}))
+                    kw = dict(max_per_class=max_per_class)
+                    if features_fn is not None:
+                        kw.update(features_fn=features_fn, check_images=False)
+                    with Peak(device) as pk:
+                        t0 = time.perf_counter()
+                        r = run_benchmark(name, data_root, make, progress=progress, **kw)
+                        _sync(device)
+                        wall = time.perf_counter() - t0
+                    runs.append({"cache": p, "method": method, "setting": name,
+                                 "targets": len(get_setting(name).targets), "wall_seconds": wall,
+                                 "avg_auroc": r["avg"]["auroc"], **pk.json()})
+                    print(f"  {p:4s} {method:6s} {name:11s} {wall:7.1f} s  "
+                          f"AUROC {r['avg']['auroc']:.3f}", flush=True)
+    finally:
+        if cold:
+            if saved_env is None:
+                os.environ.pop("RESEND_CACHE", None)
+            else:
+                os.environ["RESEND_CACHE"] = saved_env
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    return {"runs": runs, "model": model_note, "coverage": coverage,
+            "features_file": features_file, "max_per_class": max_per_class}
+
+
+def format_d(r: dict, device: torch.device) -> str:
+    gpu = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+    src = ("exported features file (no images, no cache)" if r["features_file"]
+           else "images, EfficientNet-Lite0 features through the on-disk cache")
+    lines = [f"`benchmark.run_benchmark` on pacs-multi (4 targets) and pacs-single (3 targets), "
+             f"device {device.type}; features from {src}. resend model: {r['model']}."]
+    if r["coverage"] is not None:
+        hit, tot = r["coverage"]
+        lines[0] += f" Warm = the existing cache, holding {hit} of the {tot} images beforehand."
+    if any(x["cache"] == "cold" for x in r["runs"]):
+        lines[0] += (" Cold = a fresh empty `RESEND_CACHE`: the first run extracts every image, "
+                     "the later ones find them cached; warm = the same runs again.")
+    if r["max_per_class"]:
+        lines[0] += f" Only the first {r['max_per_class']} images per class of each list (NOT the full protocol)."
+    lines += ["", "| cache | method | setting | targets | wall s | avg AUROC | peak RSS MB | GPU peak MB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for x in r["runs"]:
+        lines.append(f"| {x['cache']} | {x['method']} | {x['setting']} | {x['targets']} | "
+                     f"{x['wall_seconds']:.1f} | {x['avg_auroc']:.3f} | {rss_cell(x)} | "
+                     f"{gpu(x['peak_gpu_mb'])} |")
+    lines += ["", "| cache | method | all 7 targets, wall s |", "|---|---|---|"]
+    for p in dict.fromkeys(x["cache"] for x in r["runs"]):
+        for method in ("cosine", "resend"):
+            tot = sum(x["wall_seconds"] for x in r["runs"] if x["cache"] == p and x["method"] == method)
+            lines.append(f"| {p} | {method} | **{tot:.1f}** |")
+        tot = sum(x["wall_seconds"] for x in r["runs"] if x["cache"] == p)
+        lines.append(f"| {p} | both methods | {tot:.1f} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- report
+def _existing_parts(section: str, path: Path = BENCHMARKS_MD) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    text = path.read_text()
+    m = re.search(re.escape(f"<!-- BEGIN {section} -->") + r"(.*?)" + re.escape(f"<!-- END {section} -->"),
+                  text, flags=re.S)
+    if not m:
+        return {}
+    blocks = re.split(r"^<!-- speed part ([a-d]) -->\n", m.group(1), flags=re.M)
+    return {blocks[i]: blocks[i + 1].strip() for i in range(1, len(blocks) - 1, 2)}
+
+
+def write_report(section: str, new: dict[str, str], path: Path = BENCHMARKS_MD) -> str:
+    """Write the parts in ``new`` into ``section``, keeping the other parts already there."""
+    parts = _existing_parts(section, path)
+    parts.update(new)
+    head = ("## Speed (issue 8)\n\nEach part below is one run of `benchmarks/speed.py` (its command, "
+            "machine and wall time under it); parts may come from different runs. Peak RSS = the "
+            "main process's peak resident memory during the measurement (start = its RSS when the "
+            "measurement began, i.e. memory it already held); GPU peak = "
+            "`torch.cuda.max_memory_allocated`. See docs/speed.md.")
+    body = [head]
+    for p in PARTS:
+        if p in parts:
+            body += [f"<!-- speed part {p} -->", parts[p]]
+    md = "\n\n".join(body)
+    update_section(section, md, path=path)
+    return md
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                    help="which parts to run (default: all)")
+    ap.add_argument("--data-root", default=os.environ.get("RESEND_DATA"),
+                    help="data root with pacs/ and pacs_lists/ (parts b, c end-to-end, d; "
+                    "default $RESEND_DATA)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads for the whole run (default: torch's choice)")
+    g = ap.add_argument_group("part a (scoring)")
+    g.add_argument("--n-test", type=int, default=2048, help="test features (PACS ArtPainting: 2048)")
+    g.add_argument("--n-protos", type=int, default=6, help="prototypes = known classes (PACS: 6)")
+    g.add_argument("--loop-n", type=int, default=200,
+                   help="test images run through the one-at-a-time loop (extrapolated to --n-test)")
+    g.add_argument("--a-threads", type=int, nargs="+", default=None,
+                   help="thread counts to repeat part a with (default: the run's threads, plus 1 "
+                   "on CPU when that is more than 1)")
+    g.add_argument("--chunk-pairs", type=int, default=None,
+                   help="pairs per batched chunk (default: the detector's, 65536 GPU / 4096 CPU)")
+    g = ap.add_argument_group("part b (feature extraction)")
+    g.add_argument("--n-images", type=int, default=256, help="PACS images to extract (evenly spaced)")
+    g.add_argument("--images", default=None, help="extract the images of this folder instead of PACS")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers (default: min(4, CPU cores))")
+    g = ap.add_argument_group("part c (pretraining)")
+    g.add_argument("--train-steps", type=int, default=3, help="timed steps, frozen mode")
+    g.add_argument("--train-batch", type=int, default=4096, help="pairs per step, frozen mode (paper 4096)")
+    g.add_argument("--train-items", type=int, default=8192, help="synthetic reference items, frozen mode")
+    g.add_argument("--e2e-steps", type=int, default=2, help="timed steps, end-to-end mode")
+    g.add_argument("--e2e-batch", type=int, default=8, help="pairs per step, end-to-end mode")
+    g.add_argument("--e2e-images", type=int, default=16, help="PACS photos in the end-to-end reference set")
+    g.add_argument("--train-modes", nargs="+", choices=("frozen", "end-to-end"),
+                   default=["frozen", "end-to-end"])
+    g.add_argument("--optimizer", choices=("lars", "adamw"), default="lars",
+                   help="optimiser of part c (paper: lars, needs pytorch-optimizer)")
+    g = ap.add_argument_group("part d (PACS wall time)")
+    g.add_argument("--cold", action="store_true",
+                   help="first run with a fresh empty feature cache (extracts all 9,991 images), "
+                   "then warm")
+    g.add_argument("--features-file", default=None,
+                   help="use features exported by `resend features DIR --export F` instead of "
+                   "images and cache (the images need not exist; the lists must)")
+    g.add_argument("--max-per-class", type=int, default=None,
+                   help="first N images per class of each list (quick check, not the protocol)")
+    ap.add_argument("--section", default="speed", help="BENCHMARKS.md section (default: speed)")
+    ap.add_argument("--no-write", action="store_true", help="print, do not touch BENCHMARKS.md")
+    ap.add_argument("--json", default=None, help="also write the raw results to this JSON file")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--merge-from", default=None, metavar="OTHER_BENCHMARKS.md",
+                    help="only copy the parts of --section from another BENCHMARKS.md (e.g. the one "
+                    "a GPU machine wrote) into this one, and exit")
+    args = ap.parse_args(argv)
+    if args.merge_from:
+        parts = _existing_parts(args.section, Path(args.merge_from))
+        if not parts:
+            ap.error(f"{args.merge_from} has no speed parts in section {args.section!r}")
+        print(write_report(args.section, parts))
+        return 0
+
+    if args.cold and args.features_file:
+        ap.error("--cold extracts features from images; it cannot be combined with --features-file")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device) if args.device else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    data_root = Path(args.data_root) if args.data_root else None
+    needs_data = ("d" in args.parts or ("b" in args.parts and not args.images)
+                  or ("c" in args.parts and "end-to-end" in args.train_modes))
+    if needs_data and data_root is None:
+        ap.error("parts b (without --images), c (end-to-end) and d need --data-root "
+                 "(or $RESEND_DATA)")
+    mach = machine()
+    command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results, blocks = {}, {}
+    tmp = Path(tempfile.mkdtemp(prefix="resend_speed_"))
+    try:
+        for part in args.parts:
+            print(f"== part {part}: {PART_TITLES[part]}", flush=True)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            t0 = time.perf_counter()
+            if part == "a":
+                tc = args.a_threads
+                if tc is None:
+                    tc = [None]
+                    if device.type == "cpu" and torch.get_num_threads() > 1:
+                        tc.append(1)
+                res = part_a(device, args.n_test, args.n_protos, args.loop_n, tuple(tc),
+                             args.chunk_pairs)
+                md = format_a(res, device)
+                results["a"] = {k: v for k, v in res.items() if not k.endswith("_scores")}
+            elif part == "b":
+                from resend_novelty.data import list_images
+
+                paths = list_images(args.images) if args.images else pacs_subset(data_root, args.n_images)
+                res = part_b(device, paths, args.batch_size, args.workers)
+                md = format_b(res, device)
+                results["b"] = res
+            elif part == "c":
+                res = part_c(device, data_root, tmp, args.train_steps, args.train_batch,
+                             args.train_items, e2e_steps=args.e2e_steps, e2e_batch=args.e2e_batch,
+                             e2e_images=args.e2e_images, optimizer=args.optimizer,
+                             modes=tuple(args.train_modes))
+                md = format_c(res, device)
+                results["c"] = res
+            else:
+                res = part_d(device, data_root, tmp, cold=args.cold,
+                             features_file=args.features_file, max_per_class=args.max_per_class,
+                             progress=not args.quiet, chunk_pairs=args.chunk_pairs)
+                md = format_d(res, device)
+                results["d"] = res
+            wall = time.perf_counter() - t0
+            md = (f"### {PART_TITLES[part]}\n\n{md}\n\n"
+                  f"Command: `{command}`  \nMachine: {mach}; torch threads {torch.get_num_threads()}; "
+                  f"load average (1 min) {load:.1f} before the part; part wall time {wall:.1f} s.")
+            print(md + "\n", flush=True)
+            blocks[part] = md
+            results[part]["part_wall_seconds"] = wall
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    if not args.no_write:
+        write_report(args.section, blocks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Regenerate the relational checkpoint shipped inside the package.
+
+    python tools/make_shipped_checkpoint.py --data-root ../shared/data
+
+Pretrains the configuration chosen by the ablation study (benchmarks/pretrain_ablation.py; chosen
+on held-out Tiny-ImageNet classes only, never on PACS) on the Tiny-ImageNet reference set with
+frozen EfficientNet-Lite0 features, keeps the best step by validation AUROC, and writes
+``src/resend_novelty/weights/resend_lite0.safetensors`` (fp16) with its SHA-256 beside it.
+Same seed -> same weights on the same machine/torch build (CPU); numbers agree within noise
+elsewhere. Interrupted runs resume (``runs/shipped``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+WEIGHTS = ROOT / "src" / "resend_novelty" / "weights"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", required=True, help="holds tiny_imagenet_200/train")
+    p.add_argument("--config", default=None,
+                   help="name of a configuration in benchmarks/pretrain_ablation.py "
+                   "(default: the one recorded in benchmarks/shipped_config.json)")
+    p.add_argument("--out", default="runs/shipped", help="training directory (resumable)")
+    p.add_argument("--steps", type=int, default=None, help="override the number of steps")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from pretrain_ablation import CONFIGS
+
+    from resend_novelty.checkpoint import SHIPPED_NAME, load_checkpoint, save_checkpoint, sha256_file
+    from resend_novelty.train import TrainConfig, train
+
+    chosen = json.loads((ROOT / "benchmarks" / "shipped_config.json").read_text())
+    name = args.config or chosen["name"]
+    kw = dict(CONFIGS[name])
+    kw.update(chosen.get("overrides", {}))
+    if args.steps:
+        kw["steps"] = args.steps
+    kw["seed"] = args.seed
+    cfg = TrainConfig(data=str(Path(args.data_root) / "tiny_imagenet_200" / "train"), out=args.out, **kw)
+    summary = train(cfg, resume=True)
+    model = load_checkpoint(Path(args.out) / "best.safetensors")
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    target = WEIGHTS / SHIPPED_NAME
+    import torch
+
+    save_checkpoint(model, target, dtype=torch.float16, metadata={
+        "training": {"config_name": name, "train_config": cfg.to_dict(),
+                     "best_val_auroc": summary["best_val_auroc"],
+                     "reference_set": "tiny_imagenet_200/train (no PACS)"}})
+    info = {"sha256": sha256_file(target), "config_name": name,
+            "best_val_auroc": summary["best_val_auroc"],
+            "command": "python tools/make_shipped_checkpoint.py --data-root ../shared/data"}
+    (WEIGHTS / (SHIPPED_NAME + ".json")).write_text(json.dumps(info, indent=2) + "\n")
+    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB), val AUROC {summary['best_val_auroc']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
