@@ -24,7 +24,7 @@ from _report import machine, update_section  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", required=True)
-    p.add_argument("--methods", nargs="+", default=["resend", "cosine", "euclidean"])
+    p.add_argument("--methods", nargs="+", default=["resend", "cosine", "cosine-centered", "euclidean"])
     p.add_argument("--model", default=None, help="relational checkpoint (default: shipped)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--no-write", action="store_true")
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
              "AUROC / FPR95 per target (known = positive; FPR95 = fraction of unknowns accepted at 95% "
              "recall of knowns). Backbone EfficientNet-Lite0 (ImageNet, offline), Resize 256 / "
              "CenterCrop 224, mean/std 0.5. `resend` = the shipped relational checkpoint, normality "
-             "max(softmax(u)); `cosine` = max cosine to prototypes; `euclidean` = minus distance to the "
+             "max(softmax(u)); `cosine` = max cosine to prototypes; `cosine-centered` = max cosine after transductive centring (support on its mean, test on its mean); `euclidean` = minus distance to the "
              "nearest prototype. Paper = ReSeND with ResNet-18 pretrained on ImageNet-1k (averages).", ""]
     for name in ("pacs-multi", "pacs-single"):
         setting = get_setting(name)
@@ -70,7 +70,9 @@ def main(argv=None) -> int:
                          f" | {pa[0]:.3f} / {pa[1]:.3f} | |")
         lines.append("")
     lines += [f"Command: `python benchmarks/pacs.py --data-root ../shared/data`  ",
-              f"Machine: {machine()}; features read from the on-disk cache (warm)."]
+              f"Machine: {machine()}; features read from the on-disk cache (warm); torch threads "
+              f"{__import__('torch').get_num_threads()}, machine shared with other jobs (wall times are "
+              "upper bounds; see the speed section for controlled timings)."]
     md = "\n".join(lines)
     print(md)
     if args.json:

@@ -96,25 +96,73 @@ def evaluate_pacs(model_path: str, data_root: str) -> dict:
     return out
 
 
+def common_validation(run_dir: str, data_root: str, _cache={}) -> float:
+    """Validation AUROC of a run's best checkpoint under one protocol for all runs: the held-out
+    classes with their stylised views (mean of in-domain and cross-domain AUROC)."""
+    import numpy as np  # noqa: F401
+
+    from resend_novelty.checkpoint import load_checkpoint
+    from resend_novelty.train import (TrainConfig, load_reference_features, split_validation,
+                                      validation_auroc)
+
+    if "ref" not in _cache:
+        c = TrainConfig(data=str(Path(data_root) / "tiny_imagenet_200" / "train"),
+                        max_per_class=BASE["max_per_class"], style_views=24, workers=0)
+        ref = load_reference_features(c, progress=False)
+        _cache["ref"] = ref
+        _cache["val"] = split_validation(ref.labels, BASE["val_classes"], 0)[1]
+    ref, val = _cache["ref"], _cache["val"]
+    m = load_checkpoint(Path(run_dir) / "best.safetensors")
+    return float(validation_auroc(m, ref.features, ref.labels, ref.is_view, val, 0,
+                                  center=m.config.center_features))
+
+
 def table(rows: list[dict], command: str) -> str:
     lines = [
         "## Pretraining ablations (issue 4)",
         "",
         "Frozen EfficientNet-Lite0 features; reference set Tiny-ImageNet-200 (50 images/class, 30",
-        "classes held out for validation); PACS is only the test. **val** = AUROC on the held-out",
-        "Tiny-ImageNet classes (the only number used for selection). PACS columns: average AUROC /",
-        "FPR95 with the default `resend benchmark` scoring (max softmax of relational logits).",
+        "classes held out for validation); PACS is only the test. **val (own run)** = best validation",
+        "AUROC during the run (held-out Tiny-ImageNet classes; runs with stylised views also test on",
+        "views: mean of in-domain and cross-domain AUROC); **val (common)** = the best checkpoint of",
+        "every run re-scored under one protocol (with views). PACS columns: average AUROC / FPR95 with",
+        "the default `resend benchmark` scoring (max softmax of the relational logits), best checkpoint.",
         "",
-        "| config | val AUROC | PACS multi AUROC | multi FPR95 | PACS single AUROC | single FPR95 | train s |",
-        "|---|---|---|---|---|---|---|",
+        "| config | val (own run) | val (common) | PACS multi AUROC | multi FPR95 | PACS single AUROC | single FPR95 | train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m, s = r["pacs"]["pacs-multi"]["avg"], r["pacs"]["pacs-single"]["avg"]
-        lines.append(f"| {r['name']} | {r['val']:.3f} | {m['auroc']:.3f} | {m['fpr95']:.3f} | "
+        lines.append(f"| {r['name']} | {r['val']:.3f} | {r.get('val_common', float('nan')):.3f} | "
+                     f"{m['auroc']:.3f} | {m['fpr95']:.3f} | "
                      f"{s['auroc']:.3f} | {s['fpr95']:.3f} | {r['seconds']:.0f} |")
-    lines += ["", "Cosine-to-prototype baseline on the same features: multi 0.644, single 0.623.", "",
+    lines += ["", "Baselines on the same features (no training): max cosine to prototypes multi 0.644 / "
+              "single 0.623; centred cosine (`--method cosine-centered`) multi 0.611 / single 0.691.", "",
+              "What we saw (all runs 400 steps x 512 pairs, seed 0, one run each: differences of ~0.01 "
+              "are within noise):",
+              "- The paper's module trained from scratch on these features generalises poorly to held-out "
+              "classes (val ~0.55 vs 0.84 for cosine) and collapses below chance in the single-source "
+              "setting (0.39), as the issue warned; L2 normalisation and stylised views alone do not fix it.",
+              "- The cosine skip (training starts from the cosine detector) keeps validation at the cosine "
+              "level; alone it does not beat cosine on PACS.",
+              "- Transductive centring (support on its mean, test on its mean; the relational model trained "
+              "on per-domain centred features) is what moves the single-source number: 0.53 -> 0.71, above "
+              "the paper's 0.685 AUROC. The trained relational module adds about +0.02 over centred cosine "
+              "in both settings (0.632 vs 0.611, 0.711 vs 0.691).",
+              "- Prototype partners (the partner of a pair is the mean of 8 same-class items) and input "
+              "dropout change PACS by < 0.015 (noise level here).",
+              "- Nothing here reaches the multi-source target (0.78): centring hurts the Sketch target "
+              "(cosine 0.749 -> 0.54-0.64) while helping the others.",
+              "- Not run here (no GPU lent, CPU budget): end-to-end fine-tuning of the backbone, longer "
+              "schedules, the full 100 images/class, width/depth sweeps.", "",
               f"Command: `{command}`  ", f"Machine: {machine()}"]
     return "\n".join(lines)
+
+
+def _run_dir(out: Path, name: str) -> Path:
+    for ch, rep in ((" ", "_"), ("/", "-"), ("(", ""), (")", ""), (",", ""), ("+", "")):
+        name = name.replace(ch, rep)
+    return out / name
 
 
 def main(argv=None) -> int:
@@ -145,7 +193,7 @@ def main(argv=None) -> int:
         kw = dict(CONFIGS[name])
         if args.steps:
             kw["steps"] = args.steps
-        run_dir = out / name.replace(" ", "_").replace("/", "-").replace("(", "").replace(")", "").replace(",", "").replace("+", "")
+        run_dir = _run_dir(out, name)
         c = TrainConfig(data=str(Path(args.data_root) / "tiny_imagenet_200" / "train"),
                         out=str(run_dir), **kw)
         t0 = time.perf_counter()
@@ -161,6 +209,9 @@ def main(argv=None) -> int:
         print(f"{name}: val {r['val']:.3f}  multi {m['auroc']:.3f}/{m['fpr95']:.3f}  "
               f"single {s['auroc']:.3f}/{s['fpr95']:.3f}", flush=True)
     rows = [done[n] for n in CONFIGS if n in done]
+    for r in rows:
+        if "val_common" not in r:
+            r["val_common"] = common_validation(_run_dir(out, r["name"]), args.data_root)
     cmd = "python benchmarks/pretrain_ablation.py --data-root ../shared/data"
     md = table(rows, cmd)
     print(md)

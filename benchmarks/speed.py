@@ -585,7 +585,13 @@ def format_d(r: dict, device: torch.device) -> str:
             lines.append(f"| {p} | {method} | **{tot:.1f}** |")
         tot = sum(x["wall_seconds"] for x in r["runs"] if x["cache"] == p)
         lines.append(f"| {p} | both methods | {tot:.1f} |")
-    return "\n".join(lines)
+    notes = ["Each resend run scores every test image twice: `run_benchmark` calls "
+             "`score_features` and then `nearest_class_features` (closed-set accuracy)."]
+    if any(x["cache"] == "cold" for x in r["runs"]):
+        notes.insert(0, "In the cold pass the extraction of all images is charged to its first "
+                     "run (cosine, pacs-multi); the other cold runs already find the features "
+                     "cached.")
+    return "\n".join(lines + [""] + [" ".join(notes)])
 
 
 # --------------------------------------------------------------------------- report

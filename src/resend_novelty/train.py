@@ -456,6 +456,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             old_handlers[sig] = signal.signal(sig, _handler)
         except ValueError:  # not in the main thread
             pass
+    if rank == 0:  # from here on, Ctrl-C / SIGTERM stop with a checkpoint
+        (out / "run.json").write_text(json.dumps(
+            {"config": cfg.to_dict(), "start_step": step, "world_size": world,
+             "device": str(device), "train_items": int(len(train_idx))}, indent=2))
 
     steps_per_epoch = max(1, sampler.pairs_per_epoch() // cfg.batch_pairs)
     local = cfg.batch_pairs // world
@@ -521,14 +525,25 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             pairs_done += cfg.batch_pairs
             rate = pairs_done / max(1e-9, time.perf_counter() - t_start)
             rec = {"step": step, "loss": loss_total, "lr": sched.get_last_lr()[0]}
-            if cfg.val_every and step % cfg.val_every == 0 and val_feats is not None:
-                last_val = validation_auroc(model, val_feats, ref.labels, ref.is_view,
+            if cfg.val_every and step % cfg.val_every == 0 and len(val_classes):
+                vf = val_feats
+                if vf is None:  # end to end: features of the held-out images, current backbone
+                    vf = _backbone_features(backbone, ref.paths, np.isin(ref.labels, val_classes),
+                                            device)
+                last_val = validation_auroc(model, vf, ref.labels, ref.is_view,
                                             val_classes, cfg.seed, center=center)
                 rec["val_auroc"] = last_val
                 if rank == 0 and last_val > best:
                     best = last_val
                     save_checkpoint(model, out / "best.safetensors",
                                     metadata={"step": step, "val_auroc": last_val})
+                    if backbone is not None:
+                        from safetensors.torch import save_file
+
+                        tmp = out / ".best_backbone.safetensors.tmp"
+                        save_file({k: v.detach().cpu().contiguous()
+                                   for k, v in backbone.state_dict().items()}, str(tmp))
+                        os.replace(tmp, out / "best_backbone.safetensors")
             history.append(rec)
             bar.set_postfix(loss=f"{loss_total:.4f}", pairs_s=f"{rate:.0f}",
                             val_auroc="-" if last_val is None else f"{last_val:.3f}")
@@ -585,6 +600,21 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
+
+
+@torch.no_grad()
+def _backbone_features(backbone, paths, mask, device, batch: int = 64) -> torch.Tensor:
+    """Features of the items in ``mask`` (other rows zero) with the backbone in eval mode."""
+    was = backbone.training
+    backbone.eval()
+    t = backbone.preprocessing.transform()
+    rows = np.flatnonzero(mask)
+    out = torch.zeros(len(paths), backbone.feature_dim, device=device)
+    for start in range(0, len(rows), batch):
+        idx = rows[start : start + batch].tolist()
+        out[idx] = backbone(_load_batch(paths, idx, t).to(device)).float()
+    backbone.train(was)
+    return out
 
 
 def _load_batch(paths, idx, transform) -> torch.Tensor:
