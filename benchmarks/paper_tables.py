@@ -76,9 +76,11 @@ def train_variant(name: str, overrides: dict, arch: str, loss: str, data_root: P
     run_dir = out / f"{name}-{tag}"
     info_file = run_dir / "paper_tables.json"
     cfg = TrainConfig(data=str(data_root / "tiny_imagenet_200" / "train"), out=str(run_dir), **kw)
-    if info_file.is_file():
+    if info_file.is_file():  # trained before with this recipe: reuse
         info = json.loads(info_file.read_text())
-        if info.get("config") == cfg.to_dict() and Path(info["path"]).is_file():
+        now = cfg.to_dict()
+        if all(now.get(k) == v for k, v in info.get("config", {}).items()) \
+                and Path(info["path"]).is_file():
             return info
     t0 = time.perf_counter()
     summary = train(cfg, resume=True, progress=not quiet)
@@ -173,18 +175,18 @@ def main(argv=None) -> int:
                    default=["table2", "table3", "table5", "fig5"], help="tables to regenerate")
     p.add_argument("--skip-gram", action="store_true",
                    help="do not run gram/ft-gram")
-    p.add_argument("--gram-max-per-class", type=int, default=60, metavar="N",
-                   help="run gram/ft-gram (and resend/cosine for comparison) on the first N images "
-                   "per class of every list: their first run re-runs the backbone on each image to "
-                   "cache Gram statistics, ~0.1-0.3 s per image on 2 CPU cores; 0 = all images "
-                   "(default 60)")
+    p.add_argument("--gram-max-per-class", type=int, default=0, metavar="N",
+                   help="run gram/ft-gram (and resend/cosine for comparison) only on the first N "
+                   "images per class of every list: the first Gram run re-runs the backbone on "
+                   "each image to cache its Gram statistics (~0.1-0.3 s per image on 2 CPU cores, "
+                   "~10,000 PACS images); default 0 = all images (the official protocol)")
     p.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     command = "python benchmarks/paper_tables.py --data-root " + args.data_root + (
         " --only " + " ".join(args.only) if len(args.only) < 4 else "") + (
         " --skip-gram" if args.skip_gram else "") + (
-        f" --gram-max-per-class {args.gram_max_per_class}" if args.gram_max_per_class != 60 else "")
+        f" --gram-max-per-class {args.gram_max_per_class}" if args.gram_max_per_class else "")
 
     from resend_novelty.backbones import build_backbone
     from resend_novelty.checkpoint import CheckpointError, default_checkpoint_path, load_checkpoint
@@ -236,9 +238,7 @@ def main(argv=None) -> int:
         print(f"[eval] {key} {setting}: {cell(r['avg'])} ({r['wall_s']:.1f} s)", flush=True)
         return r
 
-    foot = ["*paper avg*: the published ReSeND averages on PACS (ResNet-18 backbone), only in "
-            "`resend` rows; for the other methods see the paper's tables.", "",
-            f"Machine: {mach}. Features from the on-disk cache (EfficientNet-Lite0, Resize 256 / "
+    foot = [f"Machine: {mach}. Features from the on-disk cache (EfficientNet-Lite0, Resize 256 / "
             "CenterCrop 224); wall s = one `run_benchmark` call over all targets of the setting.",
             f"Command: `{command}`"]
 
@@ -250,13 +250,16 @@ def main(argv=None) -> int:
                  "distance to the nearest class mean) and class-wise kNN (`knn`: max over classes "
                  "of the mean cosine to the k = 10 nearest support features of the class) on the "
                  "frozen ImageNet backbone; `resend` for reference (" + resend_desc + "). Paper "
-                 "numbers of the baselines: see paper Table 2 (ResNet-18 backbones).", ""]
+                 "numbers of the baselines: see paper Table 2; *paper avg* of `resend` = the "
+                 "published ReSeND averages (ResNet-18 backbone).", ""]
         backbones = {}
         for name in ("efficientnet_lite0", "resnet18"):
             try:
                 backbones[name] = lite0 if name == "efficientnet_lite0" else build_backbone(name)
             except Exception as exc:  # resnet18: weights cannot be downloaded here
-                backbones[name] = f"{name} ImageNet weights cannot be loaded here ({str(exc).split('(')[0].strip()})"
+                print(f"[skip] {name}: {exc}", flush=True)
+                backbones[name] = (f"its ImageNet weights cannot be loaded on this machine "
+                                   f"({type(exc).__name__}; torchvision downloads them)")
         for setting in SETTINGS:
             rows = [("resend", run("resend", "resend", setting, model=resend_model,
                                    backbone=lite0), "")]
@@ -300,7 +303,8 @@ def main(argv=None) -> int:
                  "matrix deviations (Sastry & Oore 2020) of 6 intermediate EfficientNet-Lite0 "
                  "feature maps, poles 1-5, class from the nearest prototype; `ft-gram` = class "
                  "from the fine-tuned head. Last column: mean budget per target / epochs done "
-                 "in it. Paper numbers of the baselines: see paper Table 3.", ""]
+                 "in it. Paper numbers of the baselines: see paper Table 3; *paper avg* of "
+                 "`resend` = the published ReSeND averages (ResNet-18 backbone).", ""]
         for setting in SETTINGS:
             key = "resend"
             r_resend = results.get(f"{key}|{setting}") if "table2" in args.only else None
@@ -317,7 +321,7 @@ def main(argv=None) -> int:
             lines += [f"**Gram on a subset** - Gram statistics need intermediate feature maps, so "
                       "the backbone runs again on every image (~0.1-0.3 s per image on this "
                       f"machine); here only the first {gram_n} images per class of every list "
-                      f"(`run_benchmark(max_per_class={gram_n})`; 1,680 distinct images), with "
+                      f"(`run_benchmark(max_per_class={gram_n})`), with "
                       "`resend` and `cosine` on the same subset for comparison. Not the official "
                       "protocol: compare rows within this sub-table only.", ""]
             for setting in SETTINGS:

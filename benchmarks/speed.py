@@ -615,7 +615,7 @@ def write_report(section: str, new: dict[str, str], path: Path = BENCHMARKS_MD) 
             "machine and wall time under it); parts may come from different runs. Peak RSS = the "
             "main process's peak resident memory during the measurement (start = its RSS when the "
             "measurement began, i.e. memory it already held); GPU peak = "
-            "`torch.cuda.max_memory_allocated`. See docs/speed.md.")
+            "`torch.cuda.max_memory_allocated`. See README.md, section Speed.")
     body = [head]
     for p in PARTS:
         if p in parts:

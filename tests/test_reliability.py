@@ -1,5 +1,6 @@
 """Issue 9: no code execution from model files, hard kills keep a loadable checkpoint, and the
-bad-input cases not covered elsewhere (see docs/guarantees.md for the full map of tests)."""
+bad-input cases not covered elsewhere (see README.md, section "Reliability and security
+guarantees", for the full map of tests)."""
 
 from __future__ import annotations
 

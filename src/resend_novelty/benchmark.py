@@ -331,7 +331,7 @@ def load_setting_lists(
                 f"benchmark {setting.name}: {len(missing)} of {len(seen)} images missing under "
                 f"{image_dir} (missing per list: {per_list}); first:\n  {first}\n"
                 f"nearest existing folder of the first: {_nearest_existing(Path(missing[0].path))}\n"
-                f"expected layout: {setting.layout or 'see docs/benchmarks.md'}"
+                f"expected layout: {setting.layout or 'see the README, section Benchmark settings of the paper'}"
             )
     return {t.name: (lists[t.support], lists[t.test]) for t in setting.targets}
 
@@ -430,9 +430,11 @@ def run_benchmark(
         q = feats[q_idx]
         labels = np.array([r.label for r in test])
         is_known = np.isin(labels, det.classes_)
-        scores = det.score_features(q)
+        if hasattr(det, "score_and_nearest_features"):  # one similarity pass for both
+            scores, pred = det.score_and_nearest_features(q)
+        else:
+            scores, pred = det.score_features(q), det.nearest_class_features(q)
         rep = novelty_report(scores, is_known)
-        pred = det.nearest_class_features(q)
         acc = closed_set_accuracy(pred, labels, is_known)
         rep["closed_set_accuracy"] = None if math.isnan(acc) else acc
         rep["n_support"] = len(support)

@@ -288,6 +288,11 @@ class PrototypeDetector:
         u = self.similarities_features(self._check_fitted(features))
         return self.classes_[u.argmax(dim=1).numpy()]
 
+    def score_and_nearest_features(self, features) -> tuple[np.ndarray, np.ndarray]:
+        """Normality and nearest known class from one similarity computation."""
+        u = self.similarities_features(self._check_fitted(features))
+        return self.normality_from_similarities(u).numpy(), self.classes_[u.argmax(dim=1).numpy()]
+
     # ----------------------------------------------------------------- calibration
     @contextmanager
     def _swapped_prototypes(self, prototypes: torch.Tensor):

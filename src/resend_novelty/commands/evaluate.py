@@ -40,8 +40,9 @@ def run(args) -> int:
     feats = det.features([r.path for r in test], desc="test features")[0]
     labels = np.array([r.label for r in test])
     is_known = np.isin(labels, det.classes_)
-    rep = novelty_report(det.score_features(feats), is_known)
-    acc = closed_set_accuracy(det.nearest_class_features(feats), labels, is_known)
+    scores, nearest = det.score_and_nearest_features(feats)
+    rep = novelty_report(scores, is_known)
+    acc = closed_set_accuracy(nearest, labels, is_known)
     rep["closed_set_accuracy"] = None if math.isnan(acc) else acc
     rep["method"] = args.method
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
