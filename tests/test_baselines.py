@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 
 import numpy as np
@@ -113,6 +114,14 @@ def test_knn_leave_one_out_excludes_the_image_itself(clusters):
     assert used.all() and (loo < 1.0 - 1e-4).all()
     det.calibrate_features(support, s_lab, tpr=0.9)
     assert det.calibration_["achieved_recall"] >= 0.9
+    # small classes (<= k images): LOO = mean cosine to the other images of the class
+    small = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0], [-0.6, -0.8]])
+    det = KNNDetector(k=5, backbone=None, progress=False).fit_features(small, [0, 0, 0, 1, 1])
+    loo, used = det.loo_scores_features(small, [0, 0, 0, 1, 1])
+    cos = small @ small.T
+    want0 = max((cos[0, 1] + cos[0, 2]) / 2, (cos[0, 3] + cos[0, 4]) / 2)
+    assert used.all() and np.isclose(loo[0], float(want0))
+    assert np.isclose(loo[3], float(max(cos[3, 4], cos[3, :3].mean())))
 
 
 def test_knn_and_fine_tuning_centre_support_like_test(clusters):
@@ -188,6 +197,57 @@ def test_fine_tuned_detectors(method, clusters):
     assert (pred == -1).all()
     with pytest.raises(ValueError, match="leave-one-out"):
         det.calibrate_features(support, s_lab)
+
+
+def test_benchmark_path_uses_each_detectors_own_score(clusters, tmp_path, tiny_backbone):
+    """run_benchmark may take score and class from one call: it must equal score_features."""
+    from resend_novelty.benchmark import Setting, Target, run_benchmark
+
+    support, s_lab, test, t_lab, _ = clusters
+    names = ["knn", "mahalanobis", "ft-msp", "ft-energy", "ft-odin", "ft-gradnorm",
+             "ft-mahalanobis"]
+    if importlib.util.find_spec("pytorch_ood") is None:
+        names = ["knn"]
+    for name in names:
+        kw = {"budget": None, "epochs": 5} if name.startswith("ft-") else {}
+        det = build_detector(name, backbone=None, progress=False, **kw).fit_features(support, s_lab)
+        want = det.score_features(test)
+        if hasattr(det, "score_and_nearest_features"):
+            got, pred = det.score_and_nearest_features(test)
+            assert np.allclose(got, want, atol=1e-6), name
+            assert np.array_equal(pred, det.nearest_class_features(test)), name
+    # and end to end through run_benchmark on a tiny image setting (Gram: its own score too)
+    from conftest import make_image
+
+    root = tmp_path / "data"
+    lines = {"support.txt": [], "test.txt": []}
+    for c, color in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30)]):
+        for i in range(12):
+            rel = f"img/{c}_{i}.png"
+            make_image(root / rel, color, size=(32, 32), noise_seed=100 * c + i)
+            if c < 3 and i < 6:
+                lines["support.txt"].append(f"{rel} {c}")
+            elif i >= 6:
+                lines["test.txt"].append(f"{rel} {c}")
+    lists = root / "lists"
+    lists.mkdir()
+    for f, ls in lines.items():
+        (lists / f).write_text("\n".join(ls) + "\n")
+    setting = Setting(name="tiny", title="tiny", list_dir="lists",
+                      targets=(Target("t", "support.txt", "test.txt"),))
+    det_args = dict(backbone=tiny_backbone, layers=["net.0"], poles=(1,), device="cpu",
+                    num_workers=0, progress=False)
+    made = []
+
+    def make():
+        made.append(GramDetector(**det_args))
+        return made[-1]
+
+    res = run_benchmark(setting, root, make, progress=False)
+    det = made[-1]
+    feats = det.features([str(root / f"img/{c}_{i}.png") for c in range(4) for i in range(6, 12)])[0]
+    scores = det.score_features(feats)
+    assert np.isclose(res["targets"]["t"]["auroc"], auroc(scores, np.repeat([1, 1, 1, 0], 6) == 1))
 
 
 def test_fine_tuned_scores_match_their_formulas(clusters):

@@ -90,7 +90,15 @@ def _pytorch_ood():
 
 
 class _NoLOOCalibration:
-    """Mixin: leave-one-out calibration is defined only for prototype-style detectors."""
+    """Mixin for detectors whose normality is not a function of the class similarities u.
+
+    Their ``score_features`` is their own, so the shortcut of the base class that derives the
+    normality and the nearest class from one pass over u is redirected to it; and leave-one-out
+    calibration (defined for prototype-style detectors) is refused.
+    """
+
+    def score_and_nearest_features(self, features) -> tuple[np.ndarray, np.ndarray]:
+        return self.score_features(features), self.nearest_class_features(features)
 
     def calibrate(self, *args, **kwargs):
         raise ValueError(
@@ -130,13 +138,16 @@ class KNNDetector(PrototypeDetector):
         out = torch.empty(sims.shape[0], len(self.classes_))
         for k, members in enumerate(self._members):
             s = sims[:, members]
-            if exclude is not None:  # leave-one-out: a support image is not its own neighbour
-                s = s.masked_fill(exclude[:, members], -math.inf)
-            kk = min(self.k, s.shape[1] - (1 if exclude is not None else 0))
-            if kk < 1:
-                out[:, k] = -math.inf
-                continue
-            out[:, k] = s.topk(kk, dim=1).values.mean(dim=1)
+            n = s.shape[1]
+            if exclude is None or n > self.k:
+                if exclude is not None:  # leave-one-out: an image is not its own neighbour
+                    s = s.masked_fill(exclude[:, members], -math.inf)  # >= k others remain
+                out[:, k] = s.topk(min(self.k, n), dim=1).values.mean(dim=1)
+            else:  # a class of <= k images: the mean over all of them, minus the excluded one
+                ex = exclude[:, members]
+                count = (n - ex.sum(dim=1)).clamp_min(0)
+                mean = s.masked_fill(ex, 0.0).sum(dim=1) / count.clamp_min(1)
+                out[:, k] = torch.where(count > 0, mean, torch.full_like(mean, -math.inf))
         return out
 
     def similarities_features(self, features) -> torch.Tensor:
@@ -327,8 +338,8 @@ class FineTunedDetector(_NoLOOCalibration, PrototypeDetector):
         self.score_name = score or self.default_score
         if self.score_name not in self.SCORES:
             raise ValueError(f"score must be one of {self.SCORES}, got {self.score_name!r}")
-        if isinstance(budget, str) and budget != "resend":
-            budget = float(budget)
+        if budget is not None and budget != "resend":
+            budget = float(budget)  # seconds (a number or a numeric string)
         if budget is None and epochs is None:
             raise ValueError("fine-tuning needs a budget ('resend' or seconds) or a number of epochs")
         if isinstance(budget, float) and budget <= 0:
