@@ -317,7 +317,9 @@ def main(argv=None) -> int:
                  "`mahalanobis` = on the frozen features, without fine-tuning). `gram` = Gram-"
                  "matrix deviations (Sastry & Oore 2020) of 6 intermediate EfficientNet-Lite0 "
                  "feature maps, poles 1-5, class from the nearest prototype; `ft-gram` = class "
-                 "from the fine-tuned head. Last column: mean budget per target / epochs done "
+                 "from the fine-tuned head; their Gram statistics are cached on disk like the "
+                 "features (computing them for all 9,991 PACS images re-runs the backbone: "
+                 "~450 s on this machine, not included in the wall times). Last column: mean budget per target / epochs done "
                  "in it. Paper numbers of the baselines: see paper Table 3; *paper avg* of "
                  "`resend` = the published ReSeND averages (ResNet-18 backbone).", ""]
         for setting in SETTINGS:
@@ -376,7 +378,8 @@ def main(argv=None) -> int:
                  "(depth = number of transformer blocks, width chosen for a similar parameter "
                  "count; `resend_novelty.ablation_models`). Same projection, scoring, training "
                  "pipeline and data for all. " + recipe_txt + " Last column: validation AUROC / "
-                 "parameters / training wall time. Paper numbers: see paper Table 5.", ""]
+                 "parameters / training wall time (the machine is shared: training times vary "
+                 "with its load). Paper numbers: see paper Table 5.", ""]
         for setting in SETTINGS:
             lines += table(model_rows(ABLATIONS, setting), setting, "see paper Table 5",
                            "val AUROC / params / train")
@@ -393,7 +396,8 @@ def main(argv=None) -> int:
                  "The transformer relational module trained with the regression loss of the paper "
                  "(MSE of sigma on the pair label) and with binary cross-entropy, all else equal. "
                  + recipe_txt + " Last column: validation AUROC / parameters / training wall "
-                 "time. Paper numbers: see paper Fig. 5.", ""]
+                 "time (varies with the load of the shared machine). Paper numbers: see paper "
+                 "Fig. 5.", ""]
         for setting in SETTINGS:
             rows = model_rows([names["mse"], names["bce"]], setting)
             rows = [(f"{lbl} ({loss})", r, x) for (lbl, r, x), loss in zip(rows, ("mse", "bce"))]

@@ -104,7 +104,9 @@ def run(args) -> int:
         lists_dir=args.lists_dir, max_per_class=args.max_per_class,
     )
     result["method"] = args.method
-    print(format_table(result, f"({args.method})", None if args.max_per_class else setting.paper))
+    # the paper's numbers are ReSeND's: shown next to the resend method only
+    paper = setting.paper if args.method == "resend" and not args.max_per_class else None
+    print(format_table(result, f"({args.method})", paper))
     if args.max_per_class:
         print(f"\n(first {args.max_per_class} images per class only: not the official protocol)")
     print(f"\n{result['seconds']:.1f} s")
