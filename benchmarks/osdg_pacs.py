@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from resend_novelty.checkpoint import load_checkpoint
     from resend_novelty.detectors import build_detector
     from resend_novelty.features import extract_features
-    from resend_novelty.osdg import run_osdg_benchmark
+    from resend_novelty.osdg import default_normalization, run_osdg_benchmark
 
     t_all = time.perf_counter()
     clf_bb = build_backbone("efficientnet_lite0")
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         det_features = (clf_features if det_bb is clf_bb
                         else lambda paths, bb=det_bb: extract_features(bb, paths, progress=False))
         for norm in args.normalize:
-            norm_eff = ("none" if method == "resend" else "zscore") if norm == "auto" else norm
+            norm_eff = default_normalization(method, model) if norm == "auto" else norm
             for name in SETTINGS:
                 t0 = time.perf_counter()
                 r = run_osdg_benchmark(

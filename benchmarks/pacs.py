@@ -24,7 +24,7 @@ from _report import machine, update_section  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", required=True)
-    p.add_argument("--methods", nargs="+", default=["resend", "cosine", "cosine-centered", "euclidean"])
+    p.add_argument("--methods", nargs="+", default=["resend", "cosine", "cosine-centered", "cosine-standardized", "euclidean"])
     p.add_argument("--model", default=None, help="relational checkpoint (default: shipped)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--no-write", action="store_true")

@@ -57,7 +57,9 @@ def recipe(chosen_file: Path, shipped_file: Path | None = None) -> tuple[str, di
             raise SystemExit(f"{shipped_file}: config {spec.get('name')!r} is not in "
                              "benchmarks/pretrain_ablation.py")
         kw = json.loads(json.dumps(pa.CONFIGS[spec["name"]]))
-        kw.update(spec.get("overrides", {}))
+        over = dict(spec.get("overrides", {}))
+        kw["model"] = {**kw.get("model", {}), **over.pop("model", {})}  # merged, not replaced
+        kw.update(over)
         return f"`{spec['name']}`, the shipped model's recipe (benchmarks/{shipped_file.name})", kw
     if chosen_file.is_file():
         spec = json.loads(chosen_file.read_text())

@@ -177,16 +177,19 @@ def part_a(device: torch.device, n_test: int = 2048, n_protos: int = 6, loop_n: 
     from resend_novelty.model import RelationalConfig, RelationalModule
 
     torch.manual_seed(seed)
+    model_note = "the given model"
     if model is None:
         model = RelationalModule(RelationalConfig(**(config or {})))
+        model_note = "random weights" + ("" if config else " (the default config)")
     cfg = model.config
     model = model.eval().to(device)
     g = torch.Generator().manual_seed(seed)
     # backbone features are non-negative (pooled ReLU6 activations)
     protos = torch.rand(n_protos, cfg.feature_dim, generator=g)
     test = torch.rand(n_test, cfg.feature_dim, generator=g)
+    # center=False: the loop below scores raw features, so the batched scorer must too
     det = ReSeNDDetector(model=model, backbone=None, device=device, progress=False,
-                         chunk_pairs=chunk_pairs)
+                         chunk_pairs=chunk_pairs, center=False)
     det.fit_features(protos, np.arange(n_protos))
     loop_n = max(1, min(loop_n, n_test))
     amp = device.type == "cuda"
@@ -237,7 +240,7 @@ def part_a(device: torch.device, n_test: int = 2048, n_protos: int = 6, loop_n: 
                     r["ratio"] = loop_row["seconds"] / r["seconds"]
             rows.append(loop_row)
     return {"rows": rows, "batched_scores": batched, "loop_scores": loop, "tolerance": tol,
-            "config": cfg.to_dict()}
+            "config": cfg.to_dict(), "model_note": model_note}
 
 
 def format_a(res: dict, device: torch.device) -> str:
@@ -245,7 +248,7 @@ def format_a(res: dict, device: torch.device) -> str:
     r0, c = rows[0], res["config"]
     lines = [
         f"`RelationalConfig` feature_dim {c['feature_dim']}, dim {c['dim']}, depth {c['depth']}, "
-        f"heads {c['heads']} (the default), random weights; "
+        f"heads {c['heads']}, {res.get('model_note', 'random weights')}; "
         f"N = {r0['n_test']} test features x K = {r0['n_protos']} prototypes, device {device.type}"
         + (" (bf16 autocast for the batched scorer)" if device.type == "cuda" else " (fp32)") + ". "
         "The loop runs the first `loop_n` test images and is extrapolated per image to N. Ratio = "
@@ -272,8 +275,10 @@ def format_a(res: dict, device: torch.device) -> str:
         desc = "; ".join(f"{t} thread(s): loop {v['loop']['ms_per_image']:.2f} ms, batched "
                          f"{v['batched']['ms_per_image']:.2f} ms per test image"
                          for t, v in by_t.items() if "loop" in v and "batched" in v)
-        lines += ["", f"Per test image, {desc}. Both scorers do the same arithmetic per pair "
-                  "(about 19 MFLOP); the batched one only runs it as large matrix products and "
+        macs = (2 * c["feature_dim"] * c["dim"]
+                + 3 * c["depth"] * (4 + 2 * c.get("mlp_ratio", 4.0)) * c["dim"] ** 2)
+        lines += ["", f"Per test image, {desc}. Both scorers do about the same arithmetic per pair "
+                  f"(about {2 * macs / 1e6:.0f} MFLOP in the loop); the batched one only runs it as large matrix products and "
                   "skips the pair-independent work. Thread synchronisation costs the loop's "
                   "hundreds of small operations per image far more than the batched scorer's few "
                   "large ones, increasingly so when other processes keep the cores busy (load "
@@ -645,6 +650,9 @@ def main(argv=None) -> int:
     g.add_argument("--a-threads", type=int, nargs="+", default=None,
                    help="thread counts to repeat part a with (default: the run's threads, plus 1 "
                    "on CPU when that is more than 1)")
+    g.add_argument("--a-model", choices=("shipped", "default"), default="shipped",
+                   help="model to time: the shipped checkpoint (what `--method resend` uses; "
+                   "default) or a randomly initialised default RelationalConfig (dim 256)")
     g.add_argument("--chunk-pairs", type=int, default=None,
                    help="pairs per batched chunk (default: the detector's, 65536 GPU / 4096 CPU)")
     g = ap.add_argument_group("part b (feature extraction)")
@@ -715,8 +723,16 @@ def main(argv=None) -> int:
                     tc = [None]
                     if device.type == "cpu" and torch.get_num_threads() > 1:
                         tc.append(1)
+                a_model = None
+                if args.a_model == "shipped":
+                    from resend_novelty.checkpoint import load_checkpoint
+
+                    a_model = load_checkpoint(None)
                 res = part_a(device, args.n_test, args.n_protos, args.loop_n, tuple(tc),
-                             args.chunk_pairs)
+                             args.chunk_pairs, model=a_model)
+                if a_model is not None:
+                    res["model_note"] = ("the shipped checkpoint `resend_lite0.safetensors` (what "
+                                         "`--method resend` uses)")
                 md = format_a(res, device)
                 results["a"] = {k: v for k, v in res.items() if not k.endswith("_scores")}
             elif part == "b":

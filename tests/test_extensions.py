@@ -45,7 +45,7 @@ def test_centered_cosine_matches_manual_centring():
 def test_small_batches_fall_back_to_support_mean_or_fixed_test_mean():
     fs = torch.randn(20, 6) + 1
     det = CenteredCosineDetector(backbone=None).fit_features(fs, np.repeat([0, 1], 10))
-    with pytest.warns(UserWarning, match="support mean"):
+    with pytest.warns(UserWarning, match="support statistics"):
         det.score_features(torch.randn(3, 6))
     ft = torch.randn(40, 6)
     det.set_test_mean(ft)

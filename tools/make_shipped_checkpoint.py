@@ -41,8 +41,10 @@ def main(argv=None) -> int:
 
     chosen = json.loads((ROOT / "benchmarks" / "shipped_config.json").read_text())
     name = args.config or chosen["name"]
-    kw = dict(CONFIGS[name])
-    kw.update(chosen.get("overrides", {}))
+    kw = json.loads(json.dumps(CONFIGS[name]))
+    over = dict(chosen.get("overrides", {})) if not args.config else {}
+    kw["model"] = {**kw.get("model", {}), **over.pop("model", {})}  # e.g. {"normality": ...}
+    kw.update(over)
     if args.steps:
         kw["steps"] = args.steps
     kw["seed"] = args.seed

@@ -123,11 +123,9 @@ class KNNDetector(PrototypeDetector):
         self.k = int(k)
         self.chunk = int(chunk)
 
-    def fit_features(self, features, labels) -> "KNNDetector":
-        super().fit_features(features, labels)
-        feats = torch.as_tensor(features, dtype=torch.float32)
-        if self.center:  # test features are centred by _check_fitted: centre the support too
-            feats = feats - self.support_mean_
+    def fit_features(self, features, labels, domains=None) -> "KNNDetector":
+        super().fit_features(features, labels, domains=domains)
+        feats = self._support_normalized  # domain-normalised like the test features (center=)
         idx = np.searchsorted(self.classes_, np.asarray(labels))
         self._support = F.normalize(feats, dim=1)
         self._members = [torch.as_tensor(np.flatnonzero(idx == k)) for k in range(len(self.classes_))]
@@ -201,11 +199,11 @@ class MahalanobisDetector(PrototypeDetector):
 
     name = "mahalanobis"
 
-    def fit_features(self, features, labels) -> "MahalanobisDetector":
-        super().fit_features(features, labels)
+    def fit_features(self, features, labels, domains=None) -> "MahalanobisDetector":
+        super().fit_features(features, labels, domains=domains)
         ood = _pytorch_ood()
         idx = torch.as_tensor(np.searchsorted(self.classes_, np.asarray(labels)))
-        self._maha = _fit_mahalanobis(ood, torch.as_tensor(features, dtype=torch.float64), idx)
+        self._maha = _fit_mahalanobis(ood, self._support_normalized.double(), idx)
         self.precision_ = self._maha.precision.double()
         return self
 
@@ -359,12 +357,9 @@ class FineTunedDetector(_NoLOOCalibration, PrototypeDetector):
         """The part of the features the head is trained on (all of them here)."""
         return features
 
-    def fit_features(self, features, labels) -> "FineTunedDetector":
-        super().fit_features(features, labels)
-        feats = torch.as_tensor(features, dtype=torch.float32)
-        if self.center:  # test features are centred by _check_fitted: centre the support too
-            feats = feats - self.support_mean_
-        feats = self.head_features(feats)
+    def fit_features(self, features, labels, domains=None) -> "FineTunedDetector":
+        super().fit_features(features, labels, domains=domains)
+        feats = self.head_features(self._support_normalized)  # domain-normalised (center=)
         self._ft_data = (feats, torch.as_tensor(np.searchsorted(self.classes_, np.asarray(labels))),
                          np.asarray(labels))
         self.head_ = None
@@ -603,7 +598,7 @@ class GramDetector(_NoLOOCalibration, PrototypeDetector):
         return features[:, :d], features[:, d:].double()
 
     # ------------------------------------------------------------------ fit / score
-    def fit_features(self, features, labels) -> "GramDetector":
+    def fit_features(self, features, labels, domains=None) -> "GramDetector":
         features = torch.as_tensor(features, dtype=torch.float32)
         d = self.backbone.feature_dim
         gb = self.gram_backbone
@@ -612,7 +607,7 @@ class GramDetector(_NoLOOCalibration, PrototypeDetector):
                 f"Gram features must be (N, {d} + {gb.feature_dim}) [pooled | Gram statistics], "
                 f"got {tuple(features.shape)}: use this detector's own features()"
             )
-        super().fit_features(features, labels)
+        super().fit_features(features, labels, domains=domains)
         pooled, stats = self._split(features)
         idx = np.searchsorted(self.classes_, np.asarray(labels))
         rng = np.random.default_rng(self.seed)

@@ -65,6 +65,15 @@ class Setting:
     total_classes: int | None = None  # documented number of classes (known + unknown)
     paper_ref: str = ""  # where the paper reports ReSeND on this setting
     unavailable: str = ""  # why a list file may be missing (said instead of a bare "not found")
+    # multi-source: the source domain of a support image is the folder two levels above it
+    # (<domain>/<class>/<file>); detectors with domain normalisation use it (fit_features domains=)
+    support_domains_from_path: bool = False
+
+    def support_domains(self, records) -> np.ndarray | None:
+        """The source domain of each support record, or None for a single-source setting."""
+        if not self.support_domains_from_path:
+            return None
+        return np.array([Path(r.path).parent.parent.name for r in records])
 
     def list_path(self, data_root: str | os.PathLike | None, rel: str,
                   lists_dir: str | os.PathLike | None = None) -> Path:
@@ -108,6 +117,7 @@ register_setting(
         ),
         layout="DIR/pacs/<domain>/<class>/<file> and DIR/pacs_lists/PACS_DG/*.txt",
         paper={"avg": (0.765, 0.687)},
+        support_domains_from_path=True,
         known_classes=6,
         total_classes=7,
     )
@@ -206,6 +216,7 @@ register_setting(
             Target(t, f"no_{t}.txt", f"{t}.txt") for t in ("Art", "Clipart", "Product", "RealWorld")
         ),
         layout=_OFFICEHOME_LAYOUT,
+        support_domains_from_path=True,
         known_classes=54,
         total_classes=65,
         paper_ref="Table 4",
@@ -426,7 +437,12 @@ def run_benchmark(
         det = make_detector()
         s_idx = [index[r.path] for r in support]
         q_idx = [index[r.path] for r in test]
-        det.fit_features(feats[s_idx], np.array([r.label for r in support]))
+        s_labels = np.array([r.label for r in support])
+        domains = setting.support_domains(support)
+        if domains is None:
+            det.fit_features(feats[s_idx], s_labels)
+        else:  # source domains: used by detectors that normalise features per domain
+            det.fit_features(feats[s_idx], s_labels, domains=domains)
         q = feats[q_idx]
         labels = np.array([r.label for r in test])
         is_known = np.isin(labels, det.classes_)

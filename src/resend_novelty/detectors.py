@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from .backbones import Backbone, build_backbone
 from .cache import FeatureCache
 from .data import IMAGE_EXTENSIONS, DataError, ImageDataset, list_images, scan_class_folders
+from .domain_norm import MODES as _DOMAIN_NORMS
+from .domain_norm import domain_statistics, normalize, normalize_by_domain
 from .features import check_features, default_device, extract_features
 from .model import RelationalModule
 
@@ -50,12 +52,25 @@ __all__ = [
     "PrototypeDetector",
     "ReSeNDDetector",
     "CosineDetector",
+    "CenteredCosineDetector",
+    "StandardizedCosineDetector",
     "EuclideanDetector",
     "build_detector",
     "DETECTORS",
 ]
 
 UNKNOWN = -1
+
+
+def _domain_norm_mode(center) -> str:
+    """``center=`` of the detectors: False/"none", True/"center", or "standardize"."""
+    if center is None or center is False:
+        return "none"
+    if center is True:
+        return "center"
+    if isinstance(center, str) and center in _DOMAIN_NORMS:
+        return center
+    raise ValueError(f"center must be True, False or one of {_DOMAIN_NORMS}, got {center!r}")
 
 
 class PrototypeDetector:
@@ -73,10 +88,10 @@ class PrototypeDetector:
         batch_size: int = 64,
         num_workers: int | None = None,
         progress: bool = True,
-        center: bool = False,
+        center: bool | str = False,
         min_center_batch: int = 16,
     ):
-        self.center = bool(center)
+        self.domain_norm = _domain_norm_mode(center)
         self.min_center_batch = int(min_center_batch)
         self._backbone = backbone
         self.device = torch.device(device) if device is not None else default_device()
@@ -84,6 +99,11 @@ class PrototypeDetector:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress
+
+    @property
+    def center(self) -> bool:
+        """Whether features are normalised per domain (``domain_norm`` "center"/"standardize")."""
+        return self.domain_norm != "none"
 
     # ----------------------------------------------------------------- backbone and inputs
     @property
@@ -145,25 +165,41 @@ class PrototypeDetector:
         )
 
     # ----------------------------------------------------------------- fit
-    def fit(self, support, labels: Sequence[int] | None = None) -> "PrototypeDetector":
-        """Compute one prototype per known class from support images (no training)."""
-        self._fit_input(support, labels)
+    def fit(self, support, labels: Sequence[int] | None = None,
+            domains: Sequence | None = None) -> "PrototypeDetector":
+        """Compute one prototype per known class from support images (no training).
+
+        ``domains`` (one id per support image, e.g. "photo"/"sketch") lets domain normalisation
+        (``center=``) use each source domain's own statistics; see :meth:`fit_features`.
+        """
+        self._fit_input(support, labels, domains)
         return self
 
-    def _fit_input(self, support, labels) -> tuple[torch.Tensor, np.ndarray]:
+    def _fit_input(self, support, labels, domains=None) -> tuple[torch.Tensor, np.ndarray]:
         self._folder_classes = None
         feats, found = self.features(support, desc="support features")
         if labels is None:
             labels = found
         if labels is None:
             raise ValueError("the support set has no labels: pass labels= or class folders")
-        self.fit_features(feats, labels)
+        if domains is None:
+            self.fit_features(feats, labels)
+        else:
+            self.fit_features(feats, labels, domains=domains)
         classes = self._folder_classes
         if classes is not None and labels is found:
             self.class_names_ = [classes[int(c)] for c in self.classes_]
         return feats, np.asarray(labels)
 
-    def fit_features(self, features, labels) -> "PrototypeDetector":
+    def fit_features(self, features, labels, domains: Sequence | None = None) -> "PrototypeDetector":
+        """Prototypes from support features ``(N, D)`` and integer ``labels``.
+
+        With domain normalisation (``center=True``/``"center"`` or ``"standardize"``) the support
+        features are normalised with the statistics of their source domain when ``domains`` (one
+        id per row) is given - as in pretraining, where every domain is normalised on its own -
+        and with the statistics of the whole support set otherwise. Without domain normalisation
+        ``domains`` has no effect.
+        """
         features = check_features(torch.as_tensor(features, dtype=torch.float32), "support features")
         labels = np.asarray(labels)
         if features.ndim != 2:
@@ -190,9 +226,14 @@ class PrototypeDetector:
             )
         self.classes_ = classes
         self.__dict__.pop("threshold_", None)  # a threshold of other prototypes is stale
+        if domains is not None and np.asarray(domains).shape != labels.shape:
+            raise ValueError(f"{labels.shape[0]} support labels but {np.asarray(domains).size} "
+                             "domain ids")
         if self.center:
-            self.support_mean_ = features.mean(dim=0)
-            features = features - self.support_mean_
+            self.support_mean_, self.support_std_ = domain_statistics(features, self.domain_norm)
+            features = normalize_by_domain(
+                features, np.zeros(len(labels)) if domains is None else domains, self.domain_norm)
+        self._support_normalized = features  # what subclasses build their own statistics from
         idx = torch.as_tensor(np.searchsorted(self.classes_, labels))
         protos = torch.zeros(len(self.classes_), features.shape[1])
         protos.index_add_(0, idx, features)
@@ -216,33 +257,48 @@ class PrototypeDetector:
                 f"dimension {self.prototypes_.shape[1]}"
             )
         if self.center:
-            features = features - self._test_mean(features)
+            features = normalize(features, *self._test_statistics(features))
         return features
 
-    # ----------------------------------------------------------------- test-time centering
+    # ----------------------------------------------------------------- test-time domain normalisation
     def set_test_mean(self, features) -> "PrototypeDetector":
-        """Fix the mean used to centre test features (e.g. from a first batch of a stream)."""
+        """Fix the statistics used to normalise test features, from many test features ``(N, D)``
+        (e.g. a first batch of a stream); a ``(D,)`` mean is accepted when only centring.
+        ``set_test_mean(None)`` goes back to the statistics of each scored batch."""
+        if features is None:
+            self.test_mean_ = self.test_std_ = None
+            return self
         f = check_features(torch.as_tensor(features, dtype=torch.float32), "test features")
-        self.test_mean_ = f.mean(dim=0) if f.ndim == 2 else f
+        if f.ndim == 2:
+            self.test_mean_, self.test_std_ = domain_statistics(
+                f, self.domain_norm if self.center else "center")
+        elif self.domain_norm == "standardize":
+            raise ValueError("standardising needs test features (N, D) to estimate their std, "
+                             f"not a mean of shape {tuple(f.shape)}")
+        else:
+            self.test_mean_, self.test_std_ = f, None
         return self
 
-    def _test_mean(self, features: torch.Tensor) -> torch.Tensor:
-        """Transductive centring (``center=True``): support features are centred on the support
-        mean, test features on the mean of the test features scored together (their domain),
-        which removes a shift common to a whole domain (e.g. all sketches) without any label.
-        ``set_test_mean`` fixes the test mean for streams; a batch smaller than
-        ``min_center_batch`` without it is centred on the support mean (no domain shift assumed).
+    set_test_statistics = set_test_mean
+
+    def _test_statistics(self, features: torch.Tensor):
+        """Transductive domain normalisation (``center=``): support features are normalised with
+        the support statistics, test features with those of the test features scored together
+        (their domain), which removes a shift common to a whole domain (e.g. all sketches)
+        without any label. ``set_test_mean`` fixes them for streams; a batch smaller than
+        ``min_center_batch`` without it uses the support statistics (no domain shift assumed).
         """
         if getattr(self, "test_mean_", None) is not None:
-            return self.test_mean_
-        if features.shape[0] >= self.min_center_batch:
-            return features.mean(dim=0)
+            return self.test_mean_, getattr(self, "test_std_", None)
+        if features.shape[0] >= max(2, self.min_center_batch):
+            return domain_statistics(features, self.domain_norm)
         warnings.warn(
-            f"centring a batch of {features.shape[0]} test features (< {self.min_center_batch}) on "
-            "the support mean; call set_test_mean(features of many test images) for a stream",
+            f"normalising a batch of {features.shape[0]} test features (< {self.min_center_batch}) "
+            "with the support statistics; call set_test_mean(features of many test images) for "
+            "a stream",
             stacklevel=3,
         )
-        return self.support_mean_
+        return self.support_mean_, self.support_std_
 
     # ----------------------------------------------------------------- scoring
     def similarities_features(self, features) -> torch.Tensor:
@@ -426,6 +482,17 @@ class CenteredCosineDetector(CosineDetector):
         super().__init__(**kwargs)
 
 
+class StandardizedCosineDetector(CosineDetector):
+    """Max cosine after transductive per-domain standardisation (mean and std per dimension:
+    support per source domain where known, test on its own statistics)."""
+
+    name = "cosine-standardized"
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("center", "standardize")
+        super().__init__(**kwargs)
+
+
 class EuclideanDetector(PrototypeDetector):
     """Normality = minus the Euclidean distance to the nearest class prototype."""
 
@@ -441,13 +508,22 @@ class ReSeNDDetector(PrototypeDetector):
     ``model`` is a :class:`RelationalModule`, a checkpoint path, or None for the checkpoint
     shipped with the package. ``chunk_pairs``: (test, prototype) pairs scored per batch
     (default 65536 on GPU, 4096 on CPU); memory stays bounded whatever the number of test images.
+    ``normality``: "softmax" (the paper's max(softmax(u))) or "max-logit" (max(u)); default: the
+    checkpoint's ``config.normality``. ``center``: domain normalisation; default: the one the
+    checkpoint was trained with (``config.domain_norm``).
+
+    ``neighbors=k`` (not in the paper; default None = one prototype per class): u_c = mean
+    relational logit of the test image with the ``k`` support images of class c nearest to it by
+    cosine - several "prototypes" per class, which keeps the modes of a class that spans several
+    domains. Costs ``k`` x more pairs; :meth:`calibrate` is not available in this mode.
     """
 
     name = "resend"
     needs_two_classes = True
 
     def __init__(self, model: RelationalModule | str | os.PathLike | None = None,
-                 chunk_pairs: int | None = None, **kwargs):
+                 chunk_pairs: int | None = None, normality: str | None = None,
+                 neighbors: int | None = None, **kwargs):
         if isinstance(model, RelationalModule):
             self.model = model
         else:
@@ -464,12 +540,61 @@ class ReSeNDDetector(PrototypeDetector):
                 f"not {bb_name!r}"
             )
         self.chunk_pairs = chunk_pairs
+        from .model import NORMALITIES
+
+        self.normality = normality or getattr(self.model.config, "normality", "softmax")
+        if self.normality not in NORMALITIES:
+            raise ValueError(f"normality must be one of {NORMALITIES}, got {self.normality!r}")
+        if self.normality != "softmax":
+            self.needs_two_classes = False  # max(u) is meaningful with a single class
+        if neighbors is not None and int(neighbors) < 1:
+            raise ValueError(f"neighbors must be >= 1 (or None for class prototypes), got {neighbors}")
+        self.neighbors = None if neighbors is None else int(neighbors)
         self.model.eval()
-        if kwargs.get("center") is None:  # the model's training decides (config.center_features)
-            self.center = bool(getattr(self.model.config, "center_features", False))
+        if kwargs.get("center") is None:  # the model's training decides (config.domain_norm)
+            self.domain_norm = self.model.config.domain_norm
+
+    def fit_features(self, features, labels, domains=None) -> "ReSeNDDetector":
+        super().fit_features(features, labels, domains=domains)
+        if self.neighbors is not None:  # keep the (normalised) support for the k-NN mode
+            idx = np.searchsorted(self.classes_, np.asarray(labels))
+            self._knn_support = self._support_normalized
+            self._knn_members = [torch.as_tensor(np.flatnonzero(idx == k))
+                                 for k in range(len(self.classes_))]
+        return self
+
+    def _calibrate_fitted(self, features, labels, tpr: float):
+        if self.neighbors is not None:
+            raise NotImplementedError(
+                "calibrate() needs class prototypes: it is not available with neighbors=k; "
+                "pass an explicit threshold to predict()")
+        return super()._calibrate_fitted(features, labels, tpr)
+
+    @torch.inference_mode()
+    def _knn_similarities(self, features: torch.Tensor) -> torch.Tensor:
+        """u_c = mean logit over the k support images of class c nearest by cosine."""
+        model = self.model.to(self.device)
+        support = self._knn_support
+        cos = F.normalize(features, dim=1) @ F.normalize(support, dim=1).T  # (N, M)
+        u = torch.empty(features.shape[0], len(self._knn_members))
+        rows = max(1, (self.chunk_pairs or 4096) // self.neighbors)
+        use_amp = self.device.type == "cuda"
+        for c, members in enumerate(self._knn_members):
+            k = min(self.neighbors, len(members))
+            nearest = members[cos[:, members].topk(k, dim=1).indices]  # (N, k) support rows
+            for start in range(0, features.shape[0], rows):
+                f = features[start:start + rows]
+                part = support[nearest[start:start + rows]]  # (n, k, D)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = model(f.repeat_interleave(k, 0).to(self.device),
+                                   part.reshape(-1, part.shape[-1]).to(self.device))
+                u[start:start + len(f), c] = logits.float().view(len(f), k).mean(1).cpu()
+        return u
 
     @torch.inference_mode()
     def similarities_features(self, features) -> torch.Tensor:
+        if self.neighbors is not None and getattr(self, "_knn_support", None) is not None:
+            return self._knn_similarities(features)
         model = self.model.to(self.device)
         use_amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -492,13 +617,16 @@ class ReSeNDDetector(PrototypeDetector):
             )
 
     def normality_from_similarities(self, u: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(u, dim=1).max(dim=1).values
+        if self.normality == "max-logit":
+            return u.max(dim=1).values
+        return torch.softmax(u, dim=1).max(dim=1).values  # the paper's max(softmax(u))
 
 
 DETECTORS = {
     "resend": ReSeNDDetector,
     "cosine": CosineDetector,
     "cosine-centered": CenteredCosineDetector,
+    "cosine-standardized": StandardizedCosineDetector,
     "euclidean": EuclideanDetector,
 }
 

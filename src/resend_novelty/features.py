@@ -37,7 +37,9 @@ class _PathDataset(Dataset):
     def __getitem__(self, i: int):
         img = load_image(self.paths[i])
         if getattr(self.transform, "wants_path", False):  # seeded per-image views
-            return self.transform(img, self.paths[i]), i
+            # seeded by the resolved path, like the cache key: "../data/x.jpg" and
+            # "/abs/data/x.jpg" must give the same view, or the cache would mix two views
+            return self.transform(img, os.path.realpath(self.paths[i])), i
         return self.transform(img), i
 
 

@@ -38,6 +38,7 @@ __all__ = ["RelationalConfig", "RelationalModule", "TransformerBlock", "build_re
 # "transformer": the paper's relational module; the others are the ablations of the paper's
 # Table 5 (hand-designed aggregation of the two tokens + MLP, resend_novelty.ablation_models)
 ARCHS = ("transformer", "max", "sum", "concat")
+NORMALITIES = ("softmax", "max-logit")
 
 
 @dataclass
@@ -55,10 +56,23 @@ class RelationalConfig:
     center_features: bool = False  # trained on per-domain centred features: detectors centre
     # support features on the support mean and test features on the test mean (not in the paper)
     arch: str = "transformer"  # relational module; "max"/"sum"/"concat": Table 5 ablations
+    standardize_features: bool = False  # trained on per-domain standardised features (mean and
+    # std per dimension, resend_novelty.domain_norm); detectors do the same (not in the paper)
+    normality: str = "softmax"  # the detector's default normality: "softmax" = max(softmax(u))
+    # (the paper), "max-logit" = max(u) (the similarity to the nearest prototype)
+
+    @property
+    def domain_norm(self) -> str:
+        """The per-domain feature normalisation the module was trained with (``domain_norm``)."""
+        if self.standardize_features:
+            return "standardize"
+        return "center" if self.center_features else "none"
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.normality not in NORMALITIES:
+            raise ValueError(f"normality must be one of {NORMALITIES}, got {self.normality!r}")
         if self.input_norm not in ("l2", "none"):
             raise ValueError(f"input_norm must be 'l2' or 'none', got {self.input_norm!r}")
         for name in ("feature_dim", "dim", "depth", "heads"):

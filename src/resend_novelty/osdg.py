@@ -46,6 +46,7 @@ from .metrics import auroc as _auroc
 from .metrics import closed_set_accuracy, h_score
 
 __all__ = [
+    "default_normalization",
     "UNKNOWN",
     "NORMALIZATIONS",
     "validate_probabilities",
@@ -69,6 +70,20 @@ NORMALIZATIONS = ("none", "zscore", "minmax")
 
 
 # --------------------------------------------------------------------------- probabilities
+def default_normalization(method: str, model=None) -> str:
+    """``normalize="auto"``: "none" (the paper's plain mean) for a ReSeND detector whose normality
+    is max(softmax(u)) - it lies in [1/K, 1] like the MSP - and "zscore" for every other score
+    (cosine, distances, max-logit: other scales). ``model``: a RelationalModule, a checkpoint
+    path, or None for the shipped checkpoint."""
+    if method != "resend":
+        return "zscore"
+    from .checkpoint import load_checkpoint
+    from .model import RelationalModule
+
+    m = model if isinstance(model, RelationalModule) else load_checkpoint(model)
+    return "none" if getattr(m.config, "normality", "softmax") == "softmax" else "zscore"
+
+
 def validate_probabilities(
     probs,
     n_samples: int | None = None,

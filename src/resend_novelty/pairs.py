@@ -33,13 +33,22 @@ class Pairs:
 
 
 class PairSampler:
-    def __init__(self, labels, neg_per_pos: int = 1, seed: int = 0, balance: bool = True):
+    def __init__(self, labels, neg_per_pos: int = 1, seed: int = 0, balance: bool = True,
+                 domains=None, cross_domain: float = 0.0):
         labels = np.asarray(labels)
         if labels.ndim != 1 or len(labels) == 0:
             raise ValueError("labels must be a non-empty 1-d array")
         if neg_per_pos < 1:
             raise ValueError(f"neg_per_pos must be >= 1, got {neg_per_pos}")
         self.labels = labels
+        if not 0.0 <= float(cross_domain) <= 1.0:
+            raise ValueError(f"cross_domain must be in [0, 1], got {cross_domain}")
+        if cross_domain and domains is None:
+            raise ValueError("cross_domain pairs need the domain of every item (domains=)")
+        self.domains = None if domains is None else np.asarray(domains)
+        if self.domains is not None and self.domains.shape != labels.shape:
+            raise ValueError(f"{len(labels)} labels but {self.domains.size} domain ids")
+        self.cross_domain = float(cross_domain)
         self.neg_per_pos = int(neg_per_pos)
         self.seed = int(seed)
         self.balance = bool(balance)
@@ -54,6 +63,34 @@ class PairSampler:
         if (counts < 2).any():
             bad = self.classes[counts < 2].tolist()
             raise ValueError(f"classes {bad} have a single item: no same-class partner exists")
+
+    def _cross_domain(self, rng, pos: np.ndarray, neg: np.ndarray):
+        """With probability ``cross_domain`` per pair: the positive partner comes from another
+        domain than the anchor (same class, e.g. a photo and a sketch of it) and a negative
+        partner from the anchor's own domain (other class): pairs where the domain must be
+        ignored. Anchors without such a partner keep the one drawn before."""
+        dom, cls = self.domains, self.cls
+        n, k = neg.shape
+        swap_pos = rng.random(n) < self.cross_domain
+        pick = rng.random(n)
+        for c, items in enumerate(self.members):
+            d_items = dom[items]
+            for d in np.unique(d_items):
+                anchors = items[(d_items == d) & swap_pos[items]]
+                other = items[d_items != d]
+                if len(anchors) and len(other):
+                    pos[anchors] = other[(pick[anchors] * len(other)).astype(np.int64)]
+        swap_neg = rng.random((n, k)) < self.cross_domain
+        pick_neg = rng.random((n, k))
+        for d in np.unique(dom):
+            same = np.flatnonzero(dom == d)
+            rows, cols = np.nonzero(swap_neg & (dom == d)[:, None])
+            if not len(rows):
+                continue
+            cand = same[(pick_neg[rows, cols] * len(same)).astype(np.int64)]
+            ok = cls[cand] != cls[rows]  # a same-class draw keeps the original negative
+            neg[rows[ok], cols[ok]] = cand[ok]
+        return pos, neg
 
     def pairs_per_epoch(self) -> int:
         return len(self.labels) * (1 + self.neg_per_pos)
@@ -86,6 +123,8 @@ class PairSampler:
             while clash.any():
                 neg[clash] = rng.integers(0, n, size=int(clash.sum()))
                 clash = cls[neg] == cls[:, None]
+        if self.cross_domain:
+            pos, neg = self._cross_domain(rng, pos, neg)
         i = np.concatenate([anchors, np.repeat(anchors, k)])
         j = np.concatenate([pos, neg.reshape(-1)])
         y = np.concatenate([np.ones(n), np.zeros(n * k)]).astype(np.float32)

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
 from .data import DataError, ImageRecord, load_image, read_list_file, scan_class_folders
+from .domain_norm import normalize_by_domain
 from .metrics import auroc
 from .model import RelationalConfig, RelationalModule, build_relational
 from .pairs import PairSampler, Pairs
@@ -76,9 +77,14 @@ class TrainConfig:
     checkpoint_every: int = 500
     val_every: int = 500
     val_classes: int = 20  # reference classes held out for validation (never trained on)
+    # "halves": known held-out classes split in support/test halves (+ stylised views);
+    # "proxy": the synthetic multi/single-source domain-shift episodes of resend_novelty.validation
+    val_protocol: str = "halves"
+    val_episodes: int = 20  # episodes per proxy setting ("proxy" protocol)
     style_views: int = 0  # images per class that get one stylised view (frozen mode)
     max_per_class: int = 0  # use at most this many images per class (0 = all)
     partner_set: int = 1  # frozen mode: partner = mean feature of this many same-class items
+    cross_domain: float = 0.0  # share of positives across domains / negatives within a domain
     amp: bool = True  # bf16 autocast on CUDA
     device: str | None = None
     workers: int = 4
@@ -89,6 +95,10 @@ class TrainConfig:
             raise ValueError(f"loss must be 'mse' or 'bce', got {self.loss!r}")
         if self.optimizer not in ("lars", "adamw"):
             raise ValueError(f"optimizer must be 'lars' or 'adamw', got {self.optimizer!r}")
+        if self.val_protocol not in ("halves", "proxy"):
+            raise ValueError(f"val_protocol must be 'halves' or 'proxy', got {self.val_protocol!r}")
+        if self.val_protocol == "proxy" and not self.frozen_backbone:
+            raise ValueError("val_protocol='proxy' needs frozen_backbone (cached features)")
         if self.steps < 1 or self.batch_pairs < 1:
             raise ValueError("steps and batch_pairs must be positive")
 
@@ -180,14 +190,12 @@ def load_reference_features(cfg: TrainConfig, progress: bool = True) -> Referenc
                         np.concatenate(is_view), classes, np.concatenate(domain))
 
 
-def center_by_domain(feats: torch.Tensor, domain: np.ndarray, fit_mask: np.ndarray) -> torch.Tensor:
-    """Subtract from every item the mean feature of its domain (means over ``fit_mask`` items)."""
-    out = feats.clone()
-    for d in np.unique(domain):
-        rows = torch.as_tensor(np.flatnonzero(domain == d))
-        fit_rows = torch.as_tensor(np.flatnonzero((domain == d) & fit_mask))
-        out[rows] -= feats[fit_rows].mean(dim=0)
-    return out
+def center_by_domain(feats: torch.Tensor, domain: np.ndarray, fit_mask: np.ndarray,
+                     mode: str = "center") -> torch.Tensor:
+    """Normalise every item with the statistics of its domain (computed over ``fit_mask`` items):
+    ``mode`` "center" subtracts the domain mean, "standardize" also divides by its std
+    (:func:`resend_novelty.domain_norm.normalize_by_domain`)."""
+    return normalize_by_domain(feats, domain, mode, fit_mask)
 
 
 def split_validation(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,7 +213,7 @@ def split_validation(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndar
 @torch.no_grad()
 def validation_auroc(model: RelationalModule, feats: torch.Tensor, labels: np.ndarray,
                      is_view: np.ndarray, val_classes: np.ndarray, seed: int,
-                     center: bool = False) -> float:
+                     center: bool | str = False) -> float:
     """Fine-tuning-free novelty AUROC on held-out classes.
 
     Half of the held-out classes are known: prototypes from the first half of their original
@@ -230,16 +238,15 @@ def validation_auroc(model: RelationalModule, feats: torch.Tensor, labels: np.nd
     support_idx, test_idx = np.array(support_idx), np.array(test_idx)
     s_lab = labels[support_idx]
     fs = feats[support_idx]
-    if center:  # as the detectors do: support on its mean, each test set on its own mean
-        fs = fs - fs.mean(dim=0)
+    mode = center if isinstance(center, str) else ("center" if center else "none")
+    # as the detectors do: support on its statistics, each test set on its own
+    fs = normalize_by_domain(fs, np.zeros(len(fs)), mode)
     protos = torch.stack([fs[s_lab == c].mean(0) for c in known])
     was_training = model.training
     model.eval()
 
     def normality(idx):
-        ft = feats[idx]
-        if center:
-            ft = ft - ft.mean(dim=0)
+        ft = normalize_by_domain(feats[idx], np.zeros(len(idx)), mode)
         u = model.pairwise_logits(ft, protos)
         return torch.softmax(u.float(), dim=1).max(1).values.cpu().numpy()
 
@@ -253,6 +260,22 @@ def validation_auroc(model: RelationalModule, feats: torch.Tensor, labels: np.nd
         score = 0.5 * (score + auroc(normality(view_idx), is_known_v))
     model.train(was_training)
     return score
+
+
+def proxy_validation_auroc(model, proxy, episodes: int, seed: int, device=None) -> float:
+    """Mean of the multi- and single-source AUROC of the proxy benchmark
+    (:mod:`resend_novelty.validation`), the model scored as ReSeNDDetector scores it."""
+    from .detectors import ReSeNDDetector
+    from .validation import evaluate_proxy
+
+    was_training = model.training
+    try:
+        res = evaluate_proxy(
+            lambda: ReSeNDDetector(model=model, backbone=None, device=device, progress=False),
+            proxy, n_episodes=episodes, seed=seed)
+    finally:
+        model.train(was_training)
+    return 0.5 * (res["multi"]["avg"]["auroc"] + res["single"]["avg"]["auroc"])
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -391,7 +414,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                            np.zeros(len(records), bool), classes)
     train_mask, val_classes = split_validation(ref.labels, cfg.val_classes, cfg.seed)
     train_idx = np.flatnonzero(train_mask)
-    sampler = PairSampler(ref.labels[train_idx], cfg.neg_per_pos, cfg.seed, cfg.balance)
+    proxy = None
+    if cfg.val_protocol == "proxy" and len(val_classes) and cfg.val_every:
+        from .validation import load_proxy_set
+
+        proxy = load_proxy_set(cfg.data, cfg.val_classes, cfg.seed, backbone=cfg.backbone,
+                               progress=progress and rank == 0)
+    sampler = PairSampler(
+        ref.labels[train_idx], cfg.neg_per_pos, cfg.seed, cfg.balance,
+        domains=None if ref.domain is None else ref.domain[train_idx],
+        cross_domain=cfg.cross_domain if ref.domain is not None else 0.0)
+    if cfg.cross_domain and ref.domain is None:
+        raise ValueError("cross_domain pairs need stylised views (style_views > 0, frozen mode)")
 
     # ---- model
     backbone = None
@@ -439,10 +473,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     val_feats = None
     if feats is not None and len(val_classes):
         val_feats = feats
-    center = bool(model.config.center_features)
-    if center and feats is not None:
+    center = model.config.domain_norm
+    if center != "none" and feats is not None:
         domain = ref.domain if ref.domain is not None else np.zeros(len(ref.labels), np.int64)
-        feats = center_by_domain(feats, domain, train_mask)
+        feats = center_by_domain(feats, domain, train_mask, center)
 
     # ---- interruption: finish the step, checkpoint, stop
     stop = {"flag": False}
@@ -530,8 +564,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 if vf is None:  # end to end: features of the held-out images, current backbone
                     vf = _backbone_features(backbone, ref.paths, np.isin(ref.labels, val_classes),
                                             device)
-                last_val = validation_auroc(model, vf, ref.labels, ref.is_view,
-                                            val_classes, cfg.seed, center=center)
+                if proxy is not None:
+                    last_val = proxy_validation_auroc(model, proxy, cfg.val_episodes, cfg.seed,
+                                                      device)
+                else:
+                    last_val = validation_auroc(model, vf, ref.labels, ref.is_view,
+                                                val_classes, cfg.seed, center=center)
                 rec["val_auroc"] = last_val
                 if rank == 0 and last_val > best:
                     best = last_val
@@ -660,6 +698,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of pair sampling, initialisation and validation split")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="write a resumable checkpoint every K steps (also on SIGINT/SIGTERM)")
+    p.add_argument("--cross-domain", type=float, default=d.cross_domain,
+                   help="fraction of positive pairs drawn across domains (photo vs stylised view "
+                   "of the same class) and of negative pairs within one domain (needs "
+                   "--style-views; not in the paper)")
+    p.add_argument("--val-protocol", choices=("halves", "proxy"), default=d.val_protocol,
+                   help="validation on the held-out classes: 'halves' (support/test halves of the "
+                   "known held-out classes, plus stylised views) or 'proxy' (mean multi- and "
+                   "single-source AUROC of the synthetic domain-shift episodes of "
+                   "resend_novelty.validation; frozen mode)")
+    p.add_argument("--val-episodes", type=int, default=d.val_episodes,
+                   help="episodes per proxy setting (--val-protocol proxy)")
     p.add_argument("--val-every", type=int, default=d.val_every,
                    help="validation AUROC on held-out reference classes every K steps (0 = never)")
     p.add_argument("--val-classes", type=int, default=d.val_classes,
@@ -686,6 +735,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=None, help="train on features centred per domain (original images, "
                    "each stylised view); detectors then centre support and test features on their "
                    "own means (transductive; not in the paper)")
+    p.add_argument("--standardize-features", dest="standardize_features", action="store_true",
+                   default=None, help="like --center-features, and also divide by the per-domain "
+                   "std of each feature dimension (resend_novelty.domain_norm; not in the paper)")
+    p.add_argument("--normality", choices=("softmax", "max-logit"), default=None,
+                   help="the detector's default normality, stored in the checkpoint: 'softmax' "
+                   "(paper: max softmax of the similarities to the prototypes) or 'max-logit'")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on GPU")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
@@ -702,7 +757,9 @@ def config_from_args(args) -> TrainConfig:
                                               ("input_dropout", "input_dropout"),
                                               ("input_norm", "input_norm"),
                                               ("cosine_skip", "cosine_skip"),
-                                              ("center_features", "center_features"))
+                                              ("center_features", "center_features"),
+                                              ("standardize_features", "standardize_features"),
+                                              ("normality", "normality"))
              if getattr(args, a) is not None}
     names = {f.name for f in fields(TrainConfig)} - {"model"}
     kw = {n: getattr(args, n) for n in names if hasattr(args, n)}

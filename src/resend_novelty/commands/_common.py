@@ -15,9 +15,10 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "--method", default="resend", choices=sorted(DETECTORS),
-        help="novelty score: 'resend' (relational model, max softmax of similarities to class "
-        "prototypes), 'cosine' (max cosine to prototypes) or 'euclidean' (minus distance to the "
-        "nearest prototype); baselines of the paper: "
+        help="novelty score: 'resend' (relational model: similarities to class prototypes, "
+        "normality from the checkpoint's config), 'cosine' (max cosine to prototypes), "
+        "'cosine-centered' / 'cosine-standardized' (after per-domain normalisation) or "
+        "'euclidean' (minus distance to the nearest prototype); baselines of the paper: "
         + "; ".join(f"'{k}' ({v})" for k, v in METHOD_HELP.items()) + ". Default: resend",
     )
     p.add_argument(
@@ -30,6 +31,16 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
         "--backbone", default=None,
         help="backbone for every method but resend (default efficientnet_lite0; resend uses the "
         "backbone its checkpoint was trained on)",
+    )
+    p.add_argument(
+        "--normality", default=None, choices=("softmax", "max-logit"),
+        help="--method resend: 'softmax' (the paper's max softmax of the similarities) or "
+        "'max-logit' (the largest similarity); default: the checkpoint's own",
+    )
+    p.add_argument(
+        "--neighbors", type=int, default=None, metavar="K",
+        help="--method resend: score each class by the mean similarity to its K support images "
+        "nearest to the test image (cosine), instead of one prototype per class (not in the paper)",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per backbone batch (default 64)")
@@ -74,6 +85,13 @@ def detector_factory(args):
     from ..baselines import baseline_kwargs
 
     common.update(baseline_kwargs(args))
+
+    resend_only = {k: getattr(args, k, None) for k in ("normality", "neighbors")}
+    resend_only = {k: v for k, v in resend_only.items() if v is not None}
+    if resend_only and args.method != "resend":
+        raise ValueError(f"--{'/--'.join(resend_only)} only apply to --method resend, "
+                         f"not {args.method}")
+    common.update(resend_only)
 
     def make():
         return build_detector(args.method, model=model, **common)

@@ -78,8 +78,8 @@ def add_parser(sub, name):
     f.add_argument("--normalize", default="auto", choices=["auto", "none", "zscore", "minmax"],
                    help="rescale MSP and novelty before averaging, with statistics of the "
                    "out-of-fold source scores: 'none' (paper rule), 'zscore', 'minmax'. 'auto' "
-                   "(default): none for resend (its normality lies in [1/K, 1] like the MSP), "
-                   "zscore for cosine/euclidean (other scales)")
+                   "(default): none for resend with the max-softmax normality (it lies in [1/K, 1] "
+                   "like the MSP), zscore for every other score (other scales)")
     f.add_argument("--threshold", type=float, default=None,
                    help="fixed threshold on the fused score (applied to the MSP-alone row too); "
                    "default: set on source data by --accept")
@@ -100,7 +100,9 @@ def add_parser(sub, name):
 def _normalize(args) -> str:
     if args.normalize != "auto":
         return args.normalize
-    return "none" if args.method == "resend" else "zscore"
+    from ..osdg import default_normalization
+
+    return default_normalization(args.method, getattr(args, "model", None))
 
 
 def _fmt(v) -> str:

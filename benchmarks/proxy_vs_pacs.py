@@ -1,0 +1,103 @@
+"""Scoring rules on the synthetic proxy (selection) and on PACS (test), side by side (issue 4).
+
+The proxy (``resend_novelty.validation``) renders 30 held-out Tiny-ImageNet classes as photo,
+sketch, cartoon and painting and runs PACS-like episodes (6 known + 1 unknown class; multi-source:
+support in three domains, test in the fourth; single-source: photo support). It is the only
+number used to choose a scoring rule or a checkpoint; the PACS columns are the test.
+
+    python benchmarks/proxy_vs_pacs.py --data-root ../shared/data [--model PATH ...]
+
+Writes the ``proxy-vs-pacs`` section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import machine, update_section  # noqa: E402
+
+RULES = [  # (label, method, detector kwargs)
+    ("cosine", "cosine", {}),
+    ("cosine, centred", "cosine-centered", {}),
+    ("cosine, standardised", "cosine-standardized", {}),
+    ("knn (k=10)", "knn", {}),
+    ("knn, centred", "knn", {"center": "center"}),
+    ("knn, standardised", "knn", {"center": "standardize"}),
+    ("mahalanobis", "mahalanobis", {}),
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", required=True, help="holds tiny_imagenet_200/, pacs/, pacs_lists/")
+    p.add_argument("--model", nargs="*", default=[None], metavar="PATH",
+                   help="relational checkpoints to add as `resend` rows (default: the shipped one)")
+    p.add_argument("--episodes", type=int, default=50, help="proxy episodes per setting")
+    p.add_argument("--no-write", action="store_true", help="print only")
+    args = p.parse_args(argv)
+
+    from resend_novelty.backbones import build_backbone
+    from resend_novelty.benchmark import run_benchmark
+    from resend_novelty.checkpoint import load_checkpoint
+    from resend_novelty.detectors import build_detector
+    from resend_novelty.validation import evaluate_proxy, load_proxy_set
+
+    t_all = time.perf_counter()
+    ps = load_proxy_set(str(Path(args.data_root) / "tiny_imagenet_200" / "train"), 30, 0)
+    bb = build_backbone("efficientnet_lite0")
+    rows = [(label, method, kw, None) for label, method, kw in RULES]
+    for path in args.model:
+        m = load_checkpoint(path)
+        name = "shipped" if path is None else Path(path).parent.name
+        for normality in ("softmax", "max-logit"):
+            rows.append((f"resend ({name}, {m.config.domain_norm}, {normality})", "resend",
+                         {"normality": normality}, m))
+        rows.append((f"resend ({name}, {m.config.domain_norm}, {m.config.normality}, 10 nearest "
+                     "support images per class)", "resend", {"neighbors": 10}, m))
+    lines = [
+        "## Scoring rules: proxy (selection) vs PACS (test)",
+        "",
+        "**proxy** = `resend_novelty.validation`: 30 Tiny-ImageNet classes held out of pretraining, "
+        "each image rendered in one of photo / sketch / cartoon / painting, PACS-like episodes "
+        f"(6 known + 1 unknown class, {args.episodes} episodes), average AUROC over the target "
+        "domains. Only the proxy is used to choose; PACS (default `resend benchmark` protocol; "
+        "multi-source supports normalised per source domain where a rule normalises) is the test. "
+        "Centred / standardised = transductive per-domain normalisation "
+        "(`resend_novelty.domain_norm`).",
+        "",
+        "| rule | proxy multi | proxy single | proxy mean | PACS multi AUROC / FPR95 | PACS single AUROC / FPR95 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, method, kw, model in rows:
+        def make(method=method, kw=kw, model=model):
+            return build_detector(method, model=model, backbone=bb if method != "resend" else
+                                  model.config.backbone, progress=False, **kw)
+        px = evaluate_proxy(lambda: build_detector(method, model=model, backbone=None,
+                                                   progress=False, **kw), ps,
+                            n_episodes=args.episodes)
+        pm, pss = px["multi"]["avg"]["auroc"], px["single"]["avg"]["auroc"]
+        pacs = {s: run_benchmark(s, args.data_root, make, progress=False)["avg"]
+                for s in ("pacs-multi", "pacs-single")}
+        row = (f"| {label} | {pm:.3f} | {pss:.3f} | {(pm + pss) / 2:.3f} | "
+               f"{pacs['pacs-multi']['auroc']:.3f} / {pacs['pacs-multi']['fpr95']:.3f} | "
+               f"{pacs['pacs-single']['auroc']:.3f} / {pacs['pacs-single']['fpr95']:.3f} |")
+        print(row, flush=True)
+        lines.append(row)
+    lines += ["", f"Command: `python benchmarks/proxy_vs_pacs.py --data-root ../shared/data"
+              + (" --model " + " ".join(str(m) for m in args.model) if args.model != [None] else "")
+              + "`  ", f"Machine: {machine()}; wall time {time.perf_counter() - t_all:.0f} s."]
+    md = "\n".join(lines)
+    print(md)
+    if not args.no_write:
+        update_section("proxy-vs-pacs", md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
