@@ -194,8 +194,15 @@ def table(rows: list[dict], command: str) -> str:
         lines.append(f"| {r['name']} | {r['val']:.3f} | {r.get('val_common', float('nan')):.3f} | {pxs} | "
                      f"{m['auroc']:.3f} | {m['fpr95']:.3f} | "
                      f"{s['auroc']:.3f} | {s['fpr95']:.3f} | {r['seconds']:.0f} |")
-    lines += ["", "Baselines on the same features (no training): max cosine to prototypes multi 0.644 / "
-              "single 0.623; centred cosine (`--method cosine-centered`) multi 0.611 / single 0.691.", "",
+    lines += ["", "Baselines on the same features (no training), PACS multi / single: max cosine to "
+              "prototypes 0.644 / 0.623; centred cosine (`--method cosine-centered`, multi-source "
+              "support centred per source domain) 0.693 / 0.691; standardised cosine "
+              "(`cosine-standardized`) 0.687 / 0.698. The shipped checkpoint is the recipe "
+              "`standardized + cosine skip + views, proxy val` with the max-logit normality "
+              "(benchmarks/shipped_config.json): PACS 0.687 / 0.883 multi, 0.698 / 0.890 single. "
+              "Runs of session 1 were scored on PACS with the "
+              "multi-source support centred on its pooled mean (the benchmark now normalises each "
+              "source domain on its own, as in training).", "",
               "What we saw (all runs 400 steps x 512 pairs, seed 0, one run each: differences of ~0.01 "
               "are within noise):",
               "- The paper's module trained from scratch on these features generalises poorly to held-out "
@@ -203,16 +210,20 @@ def table(rows: list[dict], command: str) -> str:
               "setting (0.39), as the issue warned; L2 normalisation and stylised views alone do not fix it.",
               "- The cosine skip (training starts from the cosine detector) keeps validation at the cosine "
               "level; alone it does not beat cosine on PACS.",
-              "- Transductive centring (support on its mean, test on its mean; the relational model trained "
-              "on per-domain centred features) is what moves the single-source number: 0.53 -> 0.71, above "
-              "the paper's 0.685 AUROC. The trained relational module adds about +0.02 over centred cosine "
-              "in both settings (0.632 vs 0.611, 0.711 vs 0.691).",
-              "- Prototype partners (the partner of a pair is the mean of 8 same-class items) and input "
-              "dropout change PACS by < 0.015 (noise level here).",
-              "- Nothing here reaches the multi-source target (0.78): centring hurts the Sketch target "
-              "(cosine 0.749 -> 0.54-0.64) while helping the others.",
+              "- Transductive per-domain normalisation is what moves the numbers: centring took "
+              "single-source from 0.53 to 0.71; standardising (mean and std per dimension) is the best "
+              "rule on the proxy (multi 0.757 / single 0.716 for plain cosine, vs 0.747 / 0.704 centred).",
+              "- Session 2 (proxy validation): in every run the proxy peaks at step 50-100 and then "
+              "declines (e.g. 0.742 -> 0.68 at step 400), whatever the regularisation (lr 1e-4, input "
+              "dropout 0.3 + weight decay 0.05, width 64 x 2 blocks, half of the pairs cross-domain). "
+              "All standardised runs tie on the proxy (0.7366-0.7368 with max-logit): the module does not "
+              "learn a similarity that transfers to held-out classes beyond the cosine it starts from, "
+              "and the chosen step ranks PACS images exactly as standardised cosine does.",
+              "- Max-logit normality beats the paper's max-softmax on the proxy for every checkpoint "
+              "(+0.013 to +0.014 mean proxy AUROC).",
+              "- Nothing here reaches the multi-source target (0.78).",
               "- Not run here (no GPU lent, CPU budget): end-to-end fine-tuning of the backbone, longer "
-              "schedules, the full 100 images/class, width/depth sweeps.", "",
+              "schedules, the full 100 images/class, a reference set with more classes.", "",
               f"Command: `{command}`  ", f"Machine: {machine()}"]
     return "\n".join(lines)
 

@@ -40,7 +40,14 @@ def main(argv=None) -> int:
                    help="relational checkpoints to add as `resend` rows (default: the shipped one)")
     p.add_argument("--episodes", type=int, default=50, help="proxy episodes per setting")
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--ratios", action="store_true",
+                   help="instead: proxy AUROC of cosine, cosine-standardized and the shipped resend "
+                   "for several known/unknown class counts, incl. in-domain episodes (section "
+                   "proxy-ratios): does the transductive normalisation depend on the share of "
+                   "unknowns in the test batch?")
     args = p.parse_args(argv)
+    if args.ratios:
+        return ratios(args)
 
     from resend_novelty.backbones import build_backbone
     from resend_novelty.benchmark import run_benchmark
@@ -96,6 +103,42 @@ def main(argv=None) -> int:
     print(md)
     if not args.no_write:
         update_section("proxy-vs-pacs", md)
+    return 0
+
+
+def ratios(args) -> int:
+    from resend_novelty.detectors import build_detector
+    from resend_novelty.validation import evaluate_proxy, load_proxy_set
+
+    t_all = time.perf_counter()
+    ps = load_proxy_set(str(Path(args.data_root) / "tiny_imagenet_200" / "train"), 30, 0)
+    methods = ("cosine", "cosine-standardized", "resend")
+    lines = ["## Proxy: robustness to the share of unknown classes",
+             "",
+             "Test batches are normalised with their own statistics, so their composition could "
+             "matter. Proxy AUROC (multi-source / single-source / in-domain; in-domain = photo "
+             f"support and photo test, disjoint images) for several numbers of known and unknown "
+             f"classes per episode ({args.episodes} episodes each). `resend` = the shipped "
+             "checkpoint.", "",
+             "| known + unknown classes | " + " | ".join(methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for nk, nu in ((6, 1), (6, 6), (3, 12), (12, 12)):
+        cells = []
+        for name in methods:
+            r = evaluate_proxy(lambda: build_detector(name, backbone=None, progress=False), ps,
+                               n_episodes=args.episodes, n_known=nk, n_unknown=nu,
+                               settings=("multi", "single", "in-domain"))
+            cells.append(" / ".join(f"{r[s]['avg']['auroc']:.3f}"
+                                    for s in ("multi", "single", "in-domain")))
+        lines.append(f"| {nk} + {nu} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    lines += ["", "Command: `python benchmarks/proxy_vs_pacs.py --data-root ../shared/data "
+              f"--ratios`  ", f"Machine: {machine()}; wall time "
+              f"{time.perf_counter() - t_all:.0f} s."]
+    md = "\n".join(lines)
+    print(md)
+    if not args.no_write:
+        update_section("proxy-ratios", md)
     return 0
 
 

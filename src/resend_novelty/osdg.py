@@ -352,6 +352,7 @@ def crossfit_source_scores(
     make_detector: Callable[[], object] | None = None,
     folds: int = 5,
     seed: int = 0,
+    domains=None,
     **train_kwargs,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Out-of-fold source scores for the source-based threshold and normalisation statistics.
@@ -360,6 +361,9 @@ def crossfit_source_scores(
     classifier (on ``classifier_features``) and a fresh detector (``make_detector()`` fitted on
     ``detector_features``) are fitted on the other folds and score the held-out one. Returns
     ``(probs (N, K), novelty (N,))``; either is None when its features are not given.
+    ``domains`` (one source-domain id per sample, multi-source): the detector is fitted with
+    them and scores the held-out samples of each domain as one batch, so that detectors with
+    per-domain normalisation see one domain at a time, as at test time.
     """
     from sklearn.model_selection import StratifiedKFold
 
@@ -387,8 +391,15 @@ def crossfit_source_scores(
         if novelty is not None:
             df = torch.as_tensor(np.asarray(detector_features), dtype=torch.float32)
             det = make_detector()
-            det.fit_features(df[tr], labels[tr])
-            novelty[te] = det.score_features(df[te])
+            if domains is None:
+                det.fit_features(df[tr], labels[tr])
+                novelty[te] = det.score_features(df[te])
+            else:
+                dom = np.asarray(domains)
+                det.fit_features(df[tr], labels[tr], domains=dom[tr])
+                for d in np.unique(dom[te]):
+                    rows = te[dom[te] == d]
+                    novelty[rows] = det.score_features(df[rows])
     return probs, novelty
 
 
@@ -632,6 +643,7 @@ def run_osdg_benchmark(
         s_idx = [index[r.path] for r in support]
         q_idx = [index[r.path] for r in test]
         s_lab = np.array([r.label for r in support])
+        s_dom = setting.support_domains(support)
         q_lab = np.array([r.label for r in test])
         classes = np.unique(s_lab)
         need_source = threshold is None or normalize != "none"
@@ -649,10 +661,14 @@ def run_osdg_benchmark(
         src_nov = None
         if need_source:
             _, src_nov = crossfit_source_scores(
-                s_lab, None, det_feats[s_idx], make_detector, folds=folds, seed=seed
+                s_lab, None, det_feats[s_idx], make_detector, folds=folds, seed=seed,
+                domains=s_dom,
             )
         det = make_detector()
-        det.fit_features(det_feats[s_idx], s_lab)
+        if s_dom is None:
+            det.fit_features(det_feats[s_idx], s_lab)
+        else:  # source domains: used by detectors that normalise features per domain
+            det.fit_features(det_feats[s_idx], s_lab, domains=s_dom)
         nov = det.score_features(det_feats[q_idx])
         m, _ = evaluate_osdg(probs, nov, q_lab, classes, src_probs, src_nov, weights, normalize,
                              threshold, accept)
