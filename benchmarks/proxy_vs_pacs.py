@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import machine, update_section  # noqa: E402
 
+READING = ('Reading (session 2): the proxy ranks the per-domain normalisations as PACS single-source does (none < centred <= standardised), but it misses the multi-source strength of kNN-style scoring: its supports hold 25 images per class and domain, PACS supports hundreds. The default was not switched after seeing these PACS numbers (proxy: tie, so the simpler rule stays); `--neighbors 10` is available. The shipped resend rows equal the standardised cosine rows: the relational module adds nothing measurable on this reference set (section *Pretraining ablations*).')
+
 RULES = [  # (label, method, detector kwargs)
     ("cosine", "cosine", {}),
     ("cosine, centred", "cosine-centered", {}),
@@ -96,6 +98,7 @@ def main(argv=None) -> int:
                f"{pacs['pacs-single']['auroc']:.3f} / {pacs['pacs-single']['fpr95']:.3f} |")
         print(row, flush=True)
         lines.append(row)
+    lines += ["", READING]
     lines += ["", f"Command: `python benchmarks/proxy_vs_pacs.py --data-root ../shared/data"
               + (" --model " + " ".join(str(m) for m in args.model) if args.model != [None] else "")
               + "`  ", f"Machine: {machine()}; wall time {time.perf_counter() - t_all:.0f} s."]
