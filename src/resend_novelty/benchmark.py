@@ -419,6 +419,8 @@ def run_benchmark(
     ``{"setting", "targets": {name: metrics}, "avg": {"auroc", "fpr95"}, "seconds"}`` (plus
     ``"max_per_class"`` when set).
     """
+    from .detectors import fit_support
+
     if isinstance(setting, str):
         setting = get_setting(setting)
     t0 = time.perf_counter()
@@ -437,12 +439,9 @@ def run_benchmark(
         det = make_detector()
         s_idx = [index[r.path] for r in support]
         q_idx = [index[r.path] for r in test]
-        s_labels = np.array([r.label for r in support])
-        domains = setting.support_domains(support)
-        if domains is None:
-            det.fit_features(feats[s_idx], s_labels)
-        else:  # source domains: used by detectors that normalise features per domain
-            det.fit_features(feats[s_idx], s_labels, domains=domains)
+        # source domains (multi-source): used by detectors that normalise features per domain
+        fit_support(det, feats[s_idx], np.array([r.label for r in support]),
+                    setting.support_domains(support))
         q = feats[q_idx]
         labels = np.array([r.label for r in test])
         is_known = np.isin(labels, det.classes_)

@@ -42,8 +42,7 @@ import torch.nn.functional as F
 from .backbones import Backbone, build_backbone
 from .cache import FeatureCache
 from .data import IMAGE_EXTENSIONS, DataError, ImageDataset, list_images, scan_class_folders
-from .domain_norm import MODES as _DOMAIN_NORMS
-from .domain_norm import domain_statistics, normalize, normalize_by_domain
+from .domain_norm import as_mode, domain_statistics, normalize, normalize_by_domain
 from .features import check_features, default_device, extract_features
 from .model import RelationalModule
 
@@ -56,21 +55,20 @@ __all__ = [
     "StandardizedCosineDetector",
     "EuclideanDetector",
     "build_detector",
+    "fit_support",
     "DETECTORS",
 ]
 
 UNKNOWN = -1
 
 
-def _domain_norm_mode(center) -> str:
-    """``center=`` of the detectors: False/"none", True/"center", or "standardize"."""
-    if center is None or center is False:
-        return "none"
-    if center is True:
-        return "center"
-    if isinstance(center, str) and center in _DOMAIN_NORMS:
-        return center
-    raise ValueError(f"center must be True, False or one of {_DOMAIN_NORMS}, got {center!r}")
+def fit_support(detector, features, labels, domains=None):
+    """``detector.fit_features(features, labels)``, passing ``domains=`` (the source domain of
+    each support row) only when there are domains: detectors written without a ``domains``
+    parameter keep working on single-source supports, and fail loudly on multi-source ones."""
+    if domains is None:
+        return detector.fit_features(features, labels)
+    return detector.fit_features(features, labels, domains=domains)
 
 
 class PrototypeDetector:
@@ -91,7 +89,7 @@ class PrototypeDetector:
         center: bool | str = False,
         min_center_batch: int = 16,
     ):
-        self.domain_norm = _domain_norm_mode(center)
+        self.domain_norm = as_mode(center)
         self.min_center_batch = int(min_center_batch)
         self._backbone = backbone
         self.device = torch.device(device) if device is not None else default_device()
@@ -182,10 +180,7 @@ class PrototypeDetector:
             labels = found
         if labels is None:
             raise ValueError("the support set has no labels: pass labels= or class folders")
-        if domains is None:
-            self.fit_features(feats, labels)
-        else:
-            self.fit_features(feats, labels, domains=domains)
+        fit_support(self, feats, labels, domains)
         classes = self._folder_classes
         if classes is not None and labels is found:
             self.class_names_ = [classes[int(c)] for c in self.classes_]
@@ -231,8 +226,9 @@ class PrototypeDetector:
                              "domain ids")
         if self.center:
             self.support_mean_, self.support_std_ = domain_statistics(features, self.domain_norm)
-            features = normalize_by_domain(
-                features, np.zeros(len(labels)) if domains is None else domains, self.domain_norm)
+            features = (normalize(features, self.support_mean_, self.support_std_)
+                        if domains is None
+                        else normalize_by_domain(features, domains, self.domain_norm))
         self._support_normalized = features  # what subclasses build their own statistics from
         idx = torch.as_tensor(np.searchsorted(self.classes_, labels))
         protos = torch.zeros(len(self.classes_), features.shape[1])

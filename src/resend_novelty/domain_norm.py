@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["MODES", "STD_FLOOR", "domain_statistics", "normalize", "normalize_by_domain"]
+__all__ = ["MODES", "STD_FLOOR", "as_mode", "domain_statistics", "normalize",
+           "normalize_by_domain"]
 
 MODES = ("none", "center", "standardize")
 STD_FLOOR = 0.1
@@ -28,6 +29,18 @@ STD_FLOOR = 0.1
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"domain normalisation must be one of {MODES}, got {mode!r}")
+
+
+def as_mode(center) -> str:
+    """The mode meant by a ``center=`` argument: False/None -> "none", True -> "center", or one
+    of :data:`MODES` by name."""
+    if center is None or center is False:
+        return "none"
+    if center is True:
+        return "center"
+    if isinstance(center, str) and center in MODES:
+        return center
+    raise ValueError(f"center must be True, False or one of {MODES}, got {center!r}")
 
 
 def domain_statistics(features: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:

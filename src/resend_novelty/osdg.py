@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataError, load_image
+from .detectors import fit_support
 from .metrics import auroc as _auroc
 from .metrics import closed_set_accuracy, h_score
 
@@ -392,12 +393,12 @@ def crossfit_source_scores(
             df = torch.as_tensor(np.asarray(detector_features), dtype=torch.float32)
             det = make_detector()
             if domains is None:
-                det.fit_features(df[tr], labels[tr])
+                fit_support(det, df[tr], labels[tr])
                 novelty[te] = det.score_features(df[te])
             else:
                 dom = np.asarray(domains)
-                det.fit_features(df[tr], labels[tr], domains=dom[tr])
-                for d in np.unique(dom[te]):
+                fit_support(det, df[tr], labels[tr], dom[tr])
+                for d in np.unique(dom[te]):  # one batch per domain, as at test time
                     rows = te[dom[te] == d]
                     novelty[rows] = det.score_features(df[rows])
     return probs, novelty
@@ -665,10 +666,7 @@ def run_osdg_benchmark(
                 domains=s_dom,
             )
         det = make_detector()
-        if s_dom is None:
-            det.fit_features(det_feats[s_idx], s_lab)
-        else:  # source domains: used by detectors that normalise features per domain
-            det.fit_features(det_feats[s_idx], s_lab, domains=s_dom)
+        fit_support(det, det_feats[s_idx], s_lab, s_dom)  # domains: per-domain normalisation
         nov = det.score_features(det_feats[q_idx])
         m, _ = evaluate_osdg(probs, nov, q_lab, classes, src_probs, src_nov, weights, normalize,
                              threshold, accept)

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
 from .data import DataError, ImageRecord, load_image, read_list_file, scan_class_folders
-from .domain_norm import normalize_by_domain
+from .domain_norm import as_mode, normalize_by_domain
 from .metrics import auroc
 from .model import RelationalConfig, RelationalModule, build_relational
 from .pairs import PairSampler, Pairs
@@ -238,7 +238,7 @@ def validation_auroc(model: RelationalModule, feats: torch.Tensor, labels: np.nd
     support_idx, test_idx = np.array(support_idx), np.array(test_idx)
     s_lab = labels[support_idx]
     fs = feats[support_idx]
-    mode = center if isinstance(center, str) else ("center" if center else "none")
+    mode = as_mode(center)
     # as the detectors do: support on its statistics, each test set on its own
     fs = normalize_by_domain(fs, np.zeros(len(fs)), mode)
     protos = torch.stack([fs[s_lab == c].mean(0) for c in known])
@@ -420,12 +420,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
         proxy = load_proxy_set(cfg.data, cfg.val_classes, cfg.seed, backbone=cfg.backbone,
                                progress=progress and rank == 0)
+    if cfg.cross_domain and ref.domain is None:
+        raise ValueError("cross_domain pairs need stylised views (style_views > 0, frozen mode)")
     sampler = PairSampler(
         ref.labels[train_idx], cfg.neg_per_pos, cfg.seed, cfg.balance,
         domains=None if ref.domain is None else ref.domain[train_idx],
-        cross_domain=cfg.cross_domain if ref.domain is not None else 0.0)
-    if cfg.cross_domain and ref.domain is None:
-        raise ValueError("cross_domain pairs need stylised views (style_views > 0, frozen mode)")
+        cross_domain=cfg.cross_domain)
 
     # ---- model
     backbone = None

@@ -102,21 +102,17 @@ def proxy_episodes(classes: np.ndarray, n_episodes: int = 100, n_known: int = 6,
     return out
 
 
-def _fit(det, feats, labels, domains):
-    try:
-        return det.fit_features(feats, labels, domains=domains)
-    except TypeError:  # a detector without per-domain support handling
-        return det.fit_features(feats, labels)
-
-
 def evaluate_proxy(make_detector: Callable[[], object], ps: ProxySet, n_episodes: int = 100,
                    n_known: int = 6, n_unknown: int = 1, seed: int = 0,
                    settings: tuple[str, ...] = ("multi", "single")) -> dict:
     """Mean AUROC / FPR95 per target domain and their average, for each proxy setting.
 
-    ``make_detector()`` returns an unfitted detector with ``fit_features`` and ``score_features``
-    (its ``fit_features`` gets ``domains=`` - the support images' domain ids - if it accepts it).
+    ``make_detector()`` returns an unfitted detector with ``fit_features`` and ``score_features``;
+    in multi-source episodes its ``fit_features`` gets ``domains=`` (the support images' domain
+    ids, :func:`~resend_novelty.detectors.fit_support`).
     """
+    from .detectors import fit_support
+
     eps = proxy_episodes(ps.classes, n_episodes, n_known, n_unknown, seed)
     det = make_detector()
     out: dict = {}
@@ -142,7 +138,8 @@ def evaluate_proxy(make_detector: Callable[[], object], ps: ProxySet, n_episodes
                     s = half
                 t = (np.isin(ps.labels, np.concatenate([known, unknown]))
                      & (ps.domain == target) & ~s)
-                _fit(det, ps.features[s], ps.labels[s], ps.domain[s])
+                fit_support(det, ps.features[s], ps.labels[s],
+                            ps.domain[s] if len(sources) > 1 else None)
                 scores = np.asarray(det.score_features(ps.features[t]))
                 is_known = np.isin(ps.labels[t], known)
                 au.append(auroc(scores, is_known))
