@@ -169,6 +169,47 @@ def reference_loop_scores(model, prototypes: torch.Tensor, test: torch.Tensor,
     return out
 
 
+def loop_macs(c: dict) -> float:
+    """Multiply-adds of one pair in the official loop: two projections, full blocks."""
+    d, r = c["dim"], c.get("mlp_ratio", 4.0)
+    return 2 * c["feature_dim"] * d + 3 * c["depth"] * (4 + 2 * r) * d * d
+
+
+def batched_macs(c: dict) -> float:
+    """Multiply-adds of one pair in ``pairwise_logits`` (projections counted per image apart):
+    first block without q/k/v (shared per image), last block for the label token only."""
+    d, r, depth = c["dim"], c.get("mlp_ratio", 4.0), c["depth"]
+    if depth == 1:
+        return (1 + 2 * r) * d * d
+    return (3 * (1 + 2 * r) + 3 * (depth - 2) * (4 + 2 * r) + (8 + 2 * r)) * d * d
+
+
+def gemm_gflops(dim: int, device: torch.device, rows: int = 12288) -> float:
+    """Measured rate of a large fp32 matrix product of the scorer's shape (best of 5)."""
+    a = torch.randn(rows, dim, device=device)
+    w = torch.randn(dim, 4 * dim, device=device)
+    a @ w
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ w
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * dim * 4 * dim / best / 1e9
+
+
+REPEATS = 3  # part a: every scorer is timed REPEATS times, the fastest run is reported
+
+
+def _sdpa_attention(q, k, v, heads):
+    """The attention of the batched scorer before session 3 (SDPA), for the comparison row."""
+    import torch.nn.functional as F
+
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
 def part_a(device: torch.device, n_test: int = 2048, n_protos: int = 6, loop_n: int = 200,
            thread_counts=(None,), chunk_pairs: int | None = None, seed: int = 0,
            config: dict | None = None, plain_row: bool = True, model=None) -> dict:
@@ -176,9 +217,11 @@ def part_a(device: torch.device, n_test: int = 2048, n_protos: int = 6, loop_n: 
 
     ``model``: a RelationalModule to time instead of a fresh default one (``config``).
     """
+    import resend_novelty.model as model_module
     from resend_novelty.detectors import ReSeNDDetector
     from resend_novelty.model import RelationalConfig, RelationalModule
 
+    short_attention = model_module._short_attention
     torch.manual_seed(seed)
     model_note = "the given model"
     if model is None:
@@ -206,30 +249,48 @@ def part_a(device: torch.device, n_test: int = 2048, n_protos: int = 6, loop_n: 
             reference_loop_scores(model, protos, test[:2], device)
             variants = [("batched", None)]
             if plain_row:
+                variants.append(("batched, SDPA for the 3-token attention (before session 3)",
+                                 "sdpa"))
                 variants.append(("batched, plain relate (no shared work)", False))
+            best = {label: float("inf") for label, _ in variants}
+            peaks: dict = {}
+            for _ in range(REPEATS):  # interleaved, fastest run of each: no order effect
+                for label, fast in variants:
+                    if fast is False:
+                        model._fast_pairs = lambda: False  # instance override: generic relate
+                    if fast == "sdpa":
+                        model_module._short_attention = _sdpa_attention
+                    try:
+                        with Peak(device) as pk:
+                            _sync(device)
+                            t0 = time.perf_counter()
+                            scores = det.score_features(test)
+                            _sync(device)
+                            best[label] = min(best[label], time.perf_counter() - t0)
+                    finally:
+                        model.__dict__.pop("_fast_pairs", None)
+                        model_module._short_attention = short_attention
+                    if fast is None:
+                        batched = scores
+                    old = peaks.get(label)
+                    if old is None or (pk.rss_mb or 0) > (old.rss_mb or 0):
+                        peaks[label] = pk
             for label, fast in variants:
-                if fast is False:
-                    model._fast_pairs = lambda: False  # instance override: generic relate path
-                try:
-                    with Peak(device) as pk:
-                        _sync(device)
-                        t0 = time.perf_counter()
-                        scores = det.score_features(test)
-                        _sync(device)
-                        tb = time.perf_counter() - t0
-                finally:
-                    model.__dict__.pop("_fast_pairs", None)
-                if fast is None:
-                    batched = scores
+                tb = best[label]
                 rows.append({"variant": label, "threads": nthreads, "n_test": n_test,
                              "n_protos": n_protos, "seconds": tb, "ms_per_image": 1e3 * tb / n_test,
-                             **pk.json()})
+                             **peaks[label].json()})
+                if fast is None:
+                    rows[-1]["gemm_gflops"] = gemm_gflops(cfg.dim, device)
             with Peak(device) as pk:
-                _sync(device)
-                t0 = time.perf_counter()
-                loop = reference_loop_scores(model, protos, test[:loop_n], device, det.normality)
-                _sync(device)
-                tl = time.perf_counter() - t0
+                tl = float("inf")
+                for _ in range(REPEATS):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    loop = reference_loop_scores(model, protos, test[:loop_n], device,
+                                                 det.normality)
+                    _sync(device)
+                    tl = min(tl, time.perf_counter() - t0)
             per_img = tl / loop_n
             diff = float(np.abs(batched[:loop_n] - loop).max())
             if not np.allclose(batched[:loop_n], loop, atol=tol, rtol=0):
@@ -255,7 +316,8 @@ def format_a(res: dict, device: torch.device) -> str:
         f"N = {r0['n_test']} test features x K = {r0['n_protos']} prototypes, device {device.type}"
         + (" (bf16 autocast for the batched scorer)" if device.type == "cuda" else " (fp32)") + ". "
         "The loop runs the first `loop_n` test images and is extrapolated per image to N. Ratio = "
-        "loop time / batched time for the same N and thread count.",
+        "loop time / batched time for the same N and thread count. Every time is the fastest of "
+        f"{REPEATS} runs (the batched variants interleaved).",
         "",
         "| scorer | threads | time for N (s) | ms / test image | ratio vs loop | max abs score diff | "
         "peak RSS MB | GPU peak MB |",
@@ -278,14 +340,24 @@ def format_a(res: dict, device: torch.device) -> str:
         desc = "; ".join(f"{t} thread(s): loop {v['loop']['ms_per_image']:.2f} ms, batched "
                          f"{v['batched']['ms_per_image']:.2f} ms per test image"
                          for t, v in by_t.items() if "loop" in v and "batched" in v)
-        macs = (2 * c["feature_dim"] * c["dim"]
-                + 3 * c["depth"] * (4 + 2 * c.get("mlp_ratio", 4.0)) * c["dim"] ** 2)
-        lines += ["", f"Per test image, {desc}. Both scorers do about the same arithmetic per pair "
-                  f"(about {2 * macs / 1e6:.0f} MFLOP in the loop); the batched one only runs it as large matrix products and "
-                  "skips the pair-independent work. Thread synchronisation costs the loop's "
+        k = r0["n_protos"]
+        loop_f, batched_f = 2 * k * loop_macs(c), 2 * (k * batched_macs(c) + c["feature_dim"] * c["dim"])
+        ceil = "; ".join(
+            f"{t} thread(s): {v['gemm_gflops']:.0f} GFLOP/s, {1e3 * batched_f / (v['gemm_gflops'] * 1e9):.2f} ms "
+            f"-> at most {v['loop']['ms_per_image'] / (1e3 * batched_f / (v['gemm_gflops'] * 1e9)):.0f}x"
+            for t, v in ((t, {**v, "gemm_gflops": v['batched'].get('gemm_gflops')}) for t, v in by_t.items())
+            if "loop" in v and "batched" in v and v["batched"].get("gemm_gflops"))
+        lines += ["", f"Per test image, {desc}. Arithmetic per test image (K = {k} prototypes): "
+                  f"the loop {loop_f / 1e6:.0f} MFLOP (two projections and {c['depth']} full "
+                  f"blocks per pair), the batched scorer {batched_f / 1e6:.0f} MFLOP (each image "
+                  "projected once, the first block's q/k/v shared, the last block on the label "
+                  "token only). Ceiling of the ratio: the batched scorer's arithmetic at the rate "
+                  "of a large matrix product measured in the same run (a (12288 x dim) @ (dim x "
+                  "4 dim) GEMM), as if every other operation were free - "
+                  f"{ceil}. Thread synchronisation costs the loop's "
                   "hundreds of small operations per image far more than the batched scorer's few "
                   "large ones, increasingly so when other processes keep the cores busy (load "
-                  "average below): the 1-thread row is the ratio without that effect."]
+                  "average below)."]
     return "\n".join(lines)
 
 

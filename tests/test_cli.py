@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 import subprocess
 import sys
 import zlib
@@ -187,3 +188,19 @@ def test_efficientnet_lite0_offline_features():
     assert feats.shape == (3, 1280) and torch.isfinite(feats).all()
     assert feats.std(dim=0).mean() > 1e-3  # images differ
     assert np.isfinite(feats.norm(dim=1).numpy()).all() and (feats.norm(dim=1) > 1).all()
+
+
+def test_eval_refine_option_reaches_the_detector(lists, tiny_registered, capsys):
+    tmp, root = lists
+    base = _eval_args(tmp, root, "test.txt", "--method", "cosine", "--backbone", "tiny_test_cnn")
+    # 15 test images < min_center_batch: the refining detector says it cannot refine them
+    with pytest.warns(UserWarning, match="unrefined support prototypes"):
+        assert main(base + ["--refine", "2"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert main(base) == 0  # without --refine: no such warning
+    capsys.readouterr()
+    # knn has no class prototypes to refine: a clear error, exit code 2
+    assert main(_eval_args(tmp, root, "test.txt", "--method", "knn", "--backbone",
+                           "tiny_test_cnn", "--refine", "2")) == 2
+    assert "does not support test-time prototype refinement" in capsys.readouterr().err

@@ -257,7 +257,7 @@ def test_resend_neighbors_mode():
             members = np.flatnonzero(labels == c)
             cos = torch.nn.functional.cosine_similarity(test[n:n + 1], fs[members])
             top = members[cos.topk(2).indices.numpy()]
-            want = m(test[n:n + 1].expand(2, -1), fs[top]).mean()
+            want = m(test[n:n + 1].expand(2, -1), fs[top]).mean().detach()
             assert abs(float(u[n, c]) - float(want)) < 1e-4
     # neighbors >= class size: the mean over all the class's images
     big = ReSeNDDetector(model=m, backbone=None, neighbors=50).fit_features(fs, labels)

@@ -171,3 +171,26 @@ def test_part_c_frozen_training_reports_pairs_per_second(speed, tmp_path):
     r = res["frozen"]
     assert r["steps"] == 1 and r["batch_pairs"] == 32 and r["pairs_per_s"] > 0
     assert "frozen" in speed.format_c(res, torch.device("cpu"))
+
+
+def test_arithmetic_counts_match_a_hand_count(speed):
+    c = {"feature_dim": 1280, "dim": 128, "depth": 4, "mlp_ratio": 4.0}
+    d2 = 128 * 128
+    # loop: two projections + 4 full blocks of 3 tokens x (qkv 3 + out 1 + mlp 8) d^2
+    assert speed.loop_macs(c) == 2 * 1280 * 128 + 4 * 3 * 12 * d2
+    # batched: block 1 without qkv (3 x 9), two full blocks (2 x 36), last block: k/v of 3 tokens,
+    # q/out/mlp of the label token (6 + 1 + 1 + 8)
+    assert speed.batched_macs(c) == (27 + 72 + 16) * d2
+    assert speed.batched_macs({**c, "depth": 1}) == 9 * d2
+    assert speed.gemm_gflops(16, torch.device("cpu"), rows=256) > 0
+
+
+def test_broadcast_attention_equals_sdpa(speed):
+    from resend_novelty.model import _short_attention
+
+    g = torch.Generator().manual_seed(0)
+    for lq in (3, 1):
+        q = torch.randn(50, lq, 32, generator=g)
+        k, v = torch.randn(50, 3, 32, generator=g), torch.randn(50, 3, 32, generator=g)
+        torch.testing.assert_close(_short_attention(q, k, v, 4), speed._sdpa_attention(q, k, v, 4),
+                                   atol=1e-5, rtol=1e-5)

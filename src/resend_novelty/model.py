@@ -136,11 +136,27 @@ class TransformerBlock(nn.Module):
             k, v = F.linear(h, w[d:], b[d:]).split(d, dim=-1)
         else:
             q, k, v = self._qkv(s).split(d, dim=-1)
-        heads = self.attn.num_heads
-        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        a = _short_attention(q, k, v, self.attn.num_heads)
         s = (s[:, :1] if label_only else s) + self.attn.out_proj(a)
         return s + self.mlp(self.norm2(s))
+
+
+def _short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head softmax(q k^T / sqrt(d)) v for very short sequences (here 3 tokens).
+
+    ``q`` ``(P, Lq, dim)``, ``k``/``v`` ``(P, L, dim)`` -> ``(P, Lq, dim)``. Written with broadcast
+    products instead of ``scaled_dot_product_attention``: with L = 3 the attention is a handful of
+    multiply-adds per pair, and SDPA's per-(pair, head) kernel launches cost 2-3x more on CPU
+    (``benchmarks/speed.py`` part a). Same result up to float rounding. Other devices keep SDPA
+    (its fused kernels; the broadcast form was not measured there).
+    """
+    if q.device.type != "cpu":
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))  # (P, L, heads, d)
+    scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * q.shape[-1] ** -0.5  # (P, Lq, L, heads)
+    weights = scores.softmax(dim=2)
+    return (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2).flatten(2)  # (P, Lq, dim)
 
 
 class RelationalModule(nn.Module):

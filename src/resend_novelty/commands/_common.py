@@ -42,6 +42,13 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
         help="--method resend: score each class by the mean similarity to its K support images "
         "nearest to the test image (cosine), instead of one prototype per class (not in the paper)",
     )
+    p.add_argument(
+        "--refine", type=int, default=None, metavar="STEPS",
+        help="--method resend or cosine/cosine-centered/cosine-standardized: STEPS of test-time "
+        "prototype refinement on the test images scored together (not in the paper; default 0 = "
+        "off). Transductive; it can fail badly when an unknown class is a large share of the "
+        "test images (PACS Photo target: AUROC 0.41, see BENCHMARKS.md)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per backbone batch (default 64)")
     p.add_argument("--workers", type=int, default=None, help="image-decoding worker processes")
@@ -92,6 +99,8 @@ def detector_factory(args):
         raise ValueError(f"--{'/--'.join(resend_only)} only apply to --method resend, "
                          f"not {args.method}")
     common.update(resend_only)
+    if getattr(args, "refine", None):
+        common["refine"] = args.refine  # detectors without refinement raise a clear error
 
     def make():
         return build_detector(args.method, model=model, **common)
