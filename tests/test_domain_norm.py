@@ -177,6 +177,54 @@ def test_load_proxy_set_renders_each_image_in_one_domain(tmp_path, tiny_backbone
         assert np.bincount(ps.domain[ps.labels == c], minlength=4).tolist() == [2, 2, 2, 2]
 
 
+def test_load_proxy_set_all_renderings_and_disjoint_support(tmp_path, tiny_backbone):
+    from conftest import make_image
+
+    for c in range(5):
+        for i in range(8):
+            make_image(tmp_path / "ref" / f"c{c}" / f"{i}.png", (40 * c, 200 - 30 * c, 90),
+                       size=(24, 24), noise_seed=c * 10 + i)
+    one = load_proxy_set(str(tmp_path / "ref"), val_classes=3, seed=0, per_class=8,
+                         backbone=tiny_backbone, progress=False)
+    ps = load_proxy_set(str(tmp_path / "ref"), val_classes=3, seed=0, per_class=8,
+                        backbone=tiny_backbone, progress=False, renderings="all")
+    assert ps.features.shape == (4 * 3 * 8, 16)
+    for c in ps.classes:  # every image of a class in every domain
+        for d in range(4):
+            assert sorted(ps.rank[(ps.labels == c) & (ps.domain == d)].tolist()) == list(range(8))
+    # the renderings of "one" are among those of "all", with the same features
+    for d in range(4):
+        a = one.features[one.domain == d]
+        b = ps.features[(ps.domain == d) & (ps.split == d)]
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="renderings"):
+        load_proxy_set(str(tmp_path / "ref"), renderings="some", backbone=tiny_backbone)
+
+    seen = []
+
+    class Spy(CosineDetector):
+        def fit_features(self, features, labels, domains=None):
+            seen.append(features)
+            return super().fit_features(features, labels, domains=domains)
+
+        def score_features(self, features):
+            seen.append(features)
+            return super().score_features(features)
+
+    evaluate_proxy(lambda: Spy(backbone=None, progress=False), ps, n_episodes=2, n_known=2,
+                   n_unknown=1, settings=("multi", "single"))
+    rows = {tuple(f.tolist()): i for i, f in enumerate(ps.features)}
+    for support, test in zip(seen[::2], seen[1::2]):
+        s_idx = [rows[tuple(f.tolist())] for f in support]
+        t_idx = [rows[tuple(f.tolist())] for f in test]
+        # no source image is both in the support and in the test set, whatever its rendering
+        s_img = {(ps.labels[i], ps.rank[i]) for i in s_idx}
+        assert not s_img & {(ps.labels[i], ps.rank[i]) for i in t_idx}
+        assert len(set(ps.domain[t_idx].tolist())) == 1
+    # multi-source supports are three times the "one" supports: 6 images x 3 domains per class
+    assert len(seen[0]) == 2 * 6 * 3
+
+
 def test_stylised_views_do_not_depend_on_how_the_path_is_written(tmp_path, tiny_backbone,
                                                                  monkeypatch):
     from conftest import make_image

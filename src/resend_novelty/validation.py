@@ -42,12 +42,26 @@ class ProxySet:
     labels: np.ndarray  # (N,) reference class ids (held-out classes only)
     domain: np.ndarray  # (N,) index into PROXY_DOMAINS
     classes: np.ndarray  # the held-out class ids
+    rank: np.ndarray | None = None  # (N,) position of the source image in its class (file
+    # order); None: image i appears in domain i % 4 only, so rank % 4 == domain
+
+    @property
+    def split(self) -> np.ndarray:
+        """rank % 4: the domain in which an image may be a *test* image (support otherwise)."""
+        return self.domain if self.rank is None else self.rank % len(PROXY_DOMAINS)
 
 
 def load_proxy_set(data: str, val_classes: int = 30, seed: int = 0, per_class: int = 100,
                    backbone="efficientnet_lite0", progress: bool = True,
-                   workers: int = 0) -> ProxySet:
+                   workers: int = 0, renderings: str = "one") -> ProxySet:
     """Features of the held-out classes of ``data`` in the four proxy domains (cached).
+
+    ``renderings="one"`` (the default, used for model selection): image ``i`` of a class appears
+    in domain ``i % 4`` only. ``"all"``: every image in all four domains (4x the features), so
+    that supports reach PACS-like sizes: in an episode with target domain t the test images are
+    those with ``i % 4 == t`` (rendered in t) and the support is *every other* image of the known
+    classes rendered in each source domain (75 images, 225 renderings per class multi-source,
+    instead of 25 / 75). Support and test never share a source image.
 
     ``data``: a class-folder reference set (or list file) as for pretraining; ``val_classes`` and
     ``seed``: the held-out classes of the pretraining run (:func:`~resend_novelty.train.
@@ -59,18 +73,23 @@ def load_proxy_set(data: str, val_classes: int = 30, seed: int = 0, per_class: i
     from .features import extract_features
     from .train import STYLE_ORDER, TrainConfig, _records, split_validation
 
+    if renderings not in ("one", "all"):
+        raise ValueError(f"renderings must be 'one' or 'all', got {renderings!r}")
     records, _ = _records(TrainConfig(data=data, max_per_class=per_class))
     labels = np.array([r.label for r in records])
     _, val = split_validation(labels, val_classes, seed)
     bb = build_backbone(backbone) if isinstance(backbone, str) else backbone
     groups: dict[int, list] = {d: [] for d in range(len(PROXY_DOMAINS))}
+    ranks: dict[int, list] = {d: [] for d in range(len(PROXY_DOMAINS))}
     rank: dict[int, int] = {}
     for r in records:  # records are in natural order within each class
         if r.label not in val:
             continue
         i = rank.get(r.label, 0)
         rank[r.label] = i + 1
-        groups[i % len(PROXY_DOMAINS)].append(r)
+        for d in (range(len(PROXY_DOMAINS)) if renderings == "all" else [i % len(PROXY_DOMAINS)]):
+            groups[d].append(r)
+            ranks[d].append(i)
     feats, labs, doms = [], [], []
     for d, recs in groups.items():
         paths = [r.path for r in recs]
@@ -86,7 +105,9 @@ def load_proxy_set(data: str, val_classes: int = 30, seed: int = 0, per_class: i
         feats.append(f)
         labs.append(np.array([r.label for r in recs]))
         doms.append(np.full(len(recs), d))
-    return ProxySet(torch.cat(feats), np.concatenate(labs), np.concatenate(doms), np.asarray(val))
+    return ProxySet(torch.cat(feats), np.concatenate(labs), np.concatenate(doms), np.asarray(val),
+                    np.concatenate([np.asarray(ranks[d], int) for d in groups])
+                    if renderings == "all" else None)
 
 
 def proxy_episodes(classes: np.ndarray, n_episodes: int = 100, n_known: int = 6,
@@ -130,6 +151,8 @@ def evaluate_proxy(make_detector: Callable[[], object], ps: ProxySet, n_episodes
             au, fp = [], []
             for known, unknown in eps:
                 s = np.isin(ps.labels, known) & np.isin(ps.domain, sources)
+                if sources != [target]:  # never a source image of a test image
+                    s &= ps.split != target
                 if sources == [target]:  # in-domain: split the target images in halves
                     half = np.zeros(len(s), bool)
                     for c in known:
@@ -137,7 +160,7 @@ def evaluate_proxy(make_detector: Callable[[], object], ps: ProxySet, n_episodes
                         half[idx[: len(idx) // 2]] = True
                     s = half
                 t = (np.isin(ps.labels, np.concatenate([known, unknown]))
-                     & (ps.domain == target) & ~s)
+                     & (ps.domain == target) & (ps.split == target) & ~s)
                 fit_support(det, ps.features[s], ps.labels[s],
                             ps.domain[s] if len(sources) > 1 else None)
                 scores = np.asarray(det.score_features(ps.features[t]))
