@@ -62,31 +62,22 @@ READING = ("Reading (session 3): the refinement with q=0.3, lambda=0.75 passed t
            "favour.")
 
 
-class RefinedPrototypes(StandardizedCosineDetector):
-    """Standardised cosine with the prototypes refined on the scored (test-domain) batch."""
+class SoftRefinedPrototypes(StandardizedCosineDetector):
+    """Standardised cosine with the prototypes refined on the scored batch by a *soft* assignment
+    of every test image (temperature ``tau``). The hard, most-confident-share variant is the
+    library's own ``refine=`` (``PrototypeDetector.refine_prototypes``)."""
 
-    def __init__(self, iters: int = 3, q: float = 0.5, lam: float = 0.5,
-                 tau: float | None = None, **kwargs):
+    def __init__(self, iters: int = 3, lam: float = 0.5, tau: float = 0.05, **kwargs):
         super().__init__(**kwargs)
-        self.iters, self.q, self.lam, self.tau = iters, q, lam, tau
+        self.iters, self.lam, self.tau = iters, lam, tau
 
     def similarities_features(self, features):
         x = F.normalize(features, dim=1)
         p0 = F.normalize(self.prototypes_, dim=1)
         p = p0
         for _ in range(self.iters):
-            s = x @ p.T
-            if self.tau:  # soft assignment of every test image
-                w = torch.softmax(s / self.tau, dim=1)
-                m = (w.T @ x) / w.sum(0)[:, None]
-            else:  # the most confident fraction q of the images assigned to each class
-                conf, a = s.max(dim=1)
-                m = p.clone()
-                for c in range(p.shape[0]):
-                    idx = (a == c).nonzero().flatten()
-                    if len(idx):
-                        top = idx[conf[idx].topk(max(1, round(self.q * len(idx)))).indices]
-                        m[c] = x[top].mean(0)
+            w = torch.softmax(x @ p.T / self.tau, dim=1)
+            m = (w.T @ x) / w.sum(0)[:, None]
             p = F.normalize(self.lam * p0 + (1 - self.lam) * F.normalize(m, dim=1), dim=1)
         return x @ p.T
 
@@ -123,8 +114,9 @@ def candidates():
     rows = [("shipped rule: cosine, standardised", lambda: StandardizedCosineDetector, {}, None)]
     for it, q, lam in [(1, 0.5, 0.5), (3, 0.5, 0.5), (3, 0.3, 0.75)]:
         rows.append((f"+ prototype refinement, {it} step(s), q={q}, lam={lam}",
-                     lambda: RefinedPrototypes, {"iters": it, "q": q, "lam": lam}, None))
-    rows.append(("+ prototype refinement, soft, tau=0.05", lambda: RefinedPrototypes,
+                     lambda: StandardizedCosineDetector,
+                     {"refine": it, "refine_fraction": q, "refine_keep": lam}, None))
+    rows.append(("+ prototype refinement, soft, tau=0.05", lambda: SoftRefinedPrototypes,
                  {"tau": 0.05}, None))
     rows.append(("ImageNet logit space (1000-d)", lambda: MappedFeatures, {"fn": logits}, None))
     rows.append(("power transform sqrt(f)", lambda: MappedFeatures,

@@ -163,13 +163,18 @@ def test_proxy_validation_of_a_relational_model():
         TrainConfig(val_protocol="pacs")
 
 
-def test_load_proxy_set_renders_each_image_in_one_domain(tmp_path, tiny_backbone):
+def _reference_images(tmp_path):
+    """tmp_path/ref/c<k>/<i>.png: 5 classes x 8 small images."""
     from conftest import make_image
 
     for c in range(5):
         for i in range(8):
             make_image(tmp_path / "ref" / f"c{c}" / f"{i}.png", (40 * c, 200 - 30 * c, 90),
                        size=(24, 24), noise_seed=c * 10 + i)
+
+
+def test_load_proxy_set_renders_each_image_in_one_domain(tmp_path, tiny_backbone):
+    _reference_images(tmp_path)
     ps = load_proxy_set(str(tmp_path / "ref"), val_classes=3, seed=0, per_class=8,
                         backbone=tiny_backbone, progress=False)
     assert len(ps.classes) == 3 and ps.features.shape == (3 * 8, 16)
@@ -178,12 +183,7 @@ def test_load_proxy_set_renders_each_image_in_one_domain(tmp_path, tiny_backbone
 
 
 def test_load_proxy_set_all_renderings_and_disjoint_support(tmp_path, tiny_backbone):
-    from conftest import make_image
-
-    for c in range(5):
-        for i in range(8):
-            make_image(tmp_path / "ref" / f"c{c}" / f"{i}.png", (40 * c, 200 - 30 * c, 90),
-                       size=(24, 24), noise_seed=c * 10 + i)
+    _reference_images(tmp_path)
     one = load_proxy_set(str(tmp_path / "ref"), val_classes=3, seed=0, per_class=8,
                          backbone=tiny_backbone, progress=False)
     ps = load_proxy_set(str(tmp_path / "ref"), val_classes=3, seed=0, per_class=8,

@@ -146,9 +146,10 @@ def _short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
 
     ``q`` ``(P, Lq, dim)``, ``k``/``v`` ``(P, L, dim)`` -> ``(P, Lq, dim)``. Written with broadcast
     products instead of ``scaled_dot_product_attention``: with L = 3 the attention is a handful of
-    multiply-adds per pair, and SDPA's per-(pair, head) kernel launches cost 2-3x more on CPU
-    (``benchmarks/speed.py`` part a). Same result up to float rounding. Other devices keep SDPA
-    (its fused kernels; the broadcast form was not measured there).
+    multiply-adds per pair, which SDPA's CPU kernel handles about 2x (Lq = 3) to 3.5x (Lq = 1)
+    slower in a micro-benchmark of 4096 pairs; the whole batched scorer gets 5-10% faster
+    (``benchmarks/speed.py`` part a, SDPA comparison row). Same result up to float rounding.
+    Other devices keep SDPA (its fused kernels; the broadcast form was not measured there).
     """
     if q.device.type != "cpu":
         q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))

@@ -148,19 +148,20 @@ def evaluate_proxy(make_detector: Callable[[], object], ps: ProxySet, n_episodes
             raise ValueError(f"unknown proxy setting {setting!r}")
         res: dict = {}
         for name, sources, target in plans:
+            is_test = ps.split == target  # images that may be test images of this target
             au, fp = [], []
             for known, unknown in eps:
                 s = np.isin(ps.labels, known) & np.isin(ps.domain, sources)
-                if sources != [target]:  # never a source image of a test image
-                    s &= ps.split != target
                 if sources == [target]:  # in-domain: split the target images in halves
                     half = np.zeros(len(s), bool)
                     for c in known:
                         idx = np.flatnonzero(s & (ps.labels == c))
                         half[idx[: len(idx) // 2]] = True
                     s = half
+                else:  # never a source image of a test image
+                    s &= ~is_test
                 t = (np.isin(ps.labels, np.concatenate([known, unknown]))
-                     & (ps.domain == target) & (ps.split == target) & ~s)
+                     & (ps.domain == target) & is_test & ~s)
                 fit_support(det, ps.features[s], ps.labels[s],
                             ps.domain[s] if len(sources) > 1 else None)
                 scores = np.asarray(det.score_features(ps.features[t]))
