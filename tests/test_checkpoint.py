@@ -229,7 +229,12 @@ def test_real_shipped_checkpoint_loads(tmp_path, monkeypatch):
     path = default_checkpoint_path()  # verifies the recorded sha256
     assert path == _REAL
     model = load_checkpoint()
-    assert model.config.backbone == "efficientnet_lite0" and model.config.feature_dim == 1280
+    # session 4: the proxy chose EfficientNet-Lite1 (benchmarks/shipped_config.json)
+    assert model.config.backbone == "efficientnet_lite1" and model.config.feature_dim == 1280
+    assert model.config.standardize_features and model.config.normality == "max-logit"
+    from resend_novelty.backbones import build_backbone
+
+    assert build_backbone(model.config.backbone).weights_id.startswith("imagenet-")  # offline
     f = torch.randn(4, 1280)
     out = model.pairwise_logits(f, f[:2])
     assert out.shape == (4, 2) and torch.isfinite(out).all()

