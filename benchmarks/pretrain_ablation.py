@@ -103,6 +103,10 @@ CONFIGS = {
     "standardized + cosine skip + views, proxy val, Lite1": cfg(
         backbone="efficientnet_lite1", style_views=24, val_protocol="proxy",
         model={"cosine_skip": True, "standardize_features": True}),
+    # session 4: on the concatenated features of Lite0 and Lite1 (2560-d; section *Backbones*)
+    "standardized + cosine skip + views, proxy val, Lite0+Lite1": cfg(
+        backbone="efficientnet_lite0+efficientnet_lite1", style_views=24, val_protocol="proxy",
+        model={"cosine_skip": True, "standardize_features": True}),
 }
 
 
@@ -178,7 +182,8 @@ def table(rows: list[dict], command: str) -> str:
     lines = [
         "## Pretraining ablations (issue 4)",
         "",
-        "Frozen EfficientNet-Lite0 features; reference set Tiny-ImageNet-200 (50 images/class, 30",
+        "Frozen EfficientNet-Lite0 features (Lite1, or Lite0 and Lite1 concatenated, where the name",
+        "says so); reference set Tiny-ImageNet-200 (50 images/class, 30",
         "classes held out for validation); PACS is only the test. **val (own run)** = best validation",
         "AUROC during the run (held-out Tiny-ImageNet classes; runs with stylised views also test on",
         "views: mean of in-domain and cross-domain AUROC); **val (common)** = the best checkpoint of",
@@ -205,12 +210,14 @@ def table(rows: list[dict], command: str) -> str:
         lines.append(f"| {r['name']} | {r['val']:.3f} | {r.get('val_common', float('nan')):.3f} | {pxs} | "
                      f"{m['auroc']:.3f} | {m['fpr95']:.3f} | "
                      f"{s['auroc']:.3f} | {s['fpr95']:.3f} | {r['seconds']:.0f} |")
-    lines += ["", "Baselines on the same features (no training), PACS multi / single: max cosine to "
+    lines += ["", "Baselines on Lite0 features (no training), PACS multi / single: max cosine to "
               "prototypes 0.644 / 0.623; centred cosine (`--method cosine-centered`, multi-source "
               "support centred per source domain) 0.693 / 0.691; standardised cosine "
-              "(`cosine-standardized`) 0.687 / 0.698. The shipped checkpoint is the recipe "
-              "`standardized + cosine skip + views, proxy val` with the max-logit normality "
-              "(benchmarks/shipped_config.json): PACS 0.687 / 0.883 multi, 0.698 / 0.890 single. "
+              "(`cosine-standardized`) 0.687 / 0.698; on Lite1 0.734 / 0.712, on Lite0+Lite1 "
+              "0.733 / 0.722 (section *PACS*). The shipped checkpoint (session 4) is the recipe "
+              "`standardized + cosine skip + views, proxy val, Lite0+Lite1` with the max-logit "
+              "normality (benchmarks/shipped_config.json): PACS 0.743 / 0.835 multi, 0.734 / 0.900 "
+              "single. Until session 3 it was the same recipe on Lite0 (0.687 / 0.883, 0.698 / 0.890). "
               "Runs of session 1 were scored on PACS with the "
               "multi-source support centred on its pooled mean (the benchmark now normalises each "
               "source domain on its own, as in training).", "",
@@ -236,6 +243,15 @@ def table(rows: list[dict], command: str) -> str:
               "change nothing: the proxy again peaks at the start (0.742) and declines to 0.721 at "
               "step 400, and ties the shipped run (0.7366 vs 0.7368 with max-logit); not adopted "
               "(rule written down before the run: adopt only above 0.7368 + 0.002).",
+              "- Session 4, backbones (section *Backbones*): the same recipe on EfficientNet-Lite1 "
+              "features reaches proxy 0.7404 with max-logit (Lite0: 0.7366), and on Lite0+Lite1 "
+              "concatenated 0.7497; each passed the rule written before its run (beat the "
+              "checkpoint before it by more than 0.002), and the Lite0+Lite1 run ships. Its PACS columns "
+              "here (max-softmax, best step by the softmax proxy: step 50) are 0.735 / 0.737; the "
+              "shipped regeneration selects its step with its own max-logit normality (step 200) "
+              "and gives 0.743 / 0.734 with the default scoring, about +0.01 over standardised "
+              "cosine on the same features in both settings: the first checkpoint here whose "
+              "ranking differs measurably from its cosine start.",
               "- Nothing here reaches the multi-source target (0.78).",
               "- Not run here (no GPU lent, CPU budget): end-to-end fine-tuning of the backbone, longer "
               "schedules, a reference set with more classes.", "",

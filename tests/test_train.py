@@ -159,3 +159,9 @@ def test_sigterm_leaves_consistent_checkpoint_and_resume_matches(synth, tmp_path
     b = _weights(tmp_path / "ref" / "final.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_end_to_end_refuses_a_backbone_ensemble(tmp_path):
+    with pytest.raises(ValueError, match="end-to-end training needs a single backbone"):
+        TrainConfig(data=str(tmp_path), backbone="efficientnet_lite0+efficientnet_lite1",
+                    frozen_backbone=False, val_protocol="halves")

@@ -4,10 +4,10 @@
 
 Pretrains the configuration chosen by the ablation study (benchmarks/pretrain_ablation.py; chosen
 on held-out Tiny-ImageNet classes only, never on PACS) on the Tiny-ImageNet reference set with
-frozen features of the recipe's backbone (EfficientNet-Lite1), keeps the best step by validation AUROC, and writes
-``src/resend_novelty/weights/resend_lite1.safetensors`` (fp16) with its SHA-256 beside it.
+frozen features of the recipe's backbone (EfficientNet-Lite0 and Lite1, concatenated), keeps the best step by validation AUROC, and writes
+``src/resend_novelty/weights/resend_lite0_lite1.safetensors`` (fp16) with its SHA-256 beside it.
 Same seed -> same weights on the same machine/torch build (CPU); numbers agree within noise
-elsewhere. Interrupted runs resume (``runs/shipped_lite1``).
+elsewhere. Interrupted runs resume (``runs/shipped_lite0_lite1``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None,
                    help="name of a configuration in benchmarks/pretrain_ablation.py "
                    "(default: the one recorded in benchmarks/shipped_config.json)")
-    p.add_argument("--out", default="runs/shipped_lite1", help="training directory (resumable)")
+    p.add_argument("--out", default="runs/shipped_lite0_lite1", help="training directory (resumable)")
     p.add_argument("--steps", type=int, default=None, help="override the number of steps")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

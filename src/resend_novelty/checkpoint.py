@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 FORMAT = "resend-relational-v1"
-SHIPPED_NAME = "resend_lite1.safetensors"
+SHIPPED_NAME = "resend_lite0_lite1.safetensors"
 
 
 class CheckpointError(ValueError):

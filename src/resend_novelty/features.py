@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .backbones import Backbone
+from .backbones import Backbone, BackboneEnsemble
 from .cache import FeatureCache, image_key
 from .data import DataError, load_image
 
@@ -66,6 +66,21 @@ def check_features(features: torch.Tensor, what: str = "features") -> torch.Tens
     return features
 
 
+def _member_transform(transform: Callable | None, member: Backbone) -> Callable | None:
+    """The ensemble member's version of ``transform``: a stylised view is rebuilt on the member's
+    own preprocessing; other custom transforms cannot be split per member."""
+    from .augment import DomainShiftView
+
+    if transform is None:
+        return None
+    if isinstance(transform, DomainShiftView):
+        return DomainShiftView(transform.view, member.transform, transform.styles)
+    raise ValueError(
+        "a backbone ensemble runs every member with its own preprocessing; a custom transform "
+        f"({type(transform).__name__}) cannot be applied to it (only DomainShiftView views can)"
+    )
+
+
 @torch.inference_mode()
 def extract_features(
     backbone: Backbone,
@@ -89,6 +104,11 @@ def extract_features(
         raise DataError("no images given")
     if transform is not None and not namespace_suffix:
         raise ValueError("a custom transform needs a namespace_suffix that identifies it")
+    if isinstance(backbone, BackboneEnsemble):  # each member on its own (own cache), concatenated
+        return torch.cat([
+            extract_features(m, paths, cache, batch_size, num_workers, device, progress,
+                             f"{desc} [{m.name}]", _member_transform(transform, m), namespace_suffix)
+            for m in backbone.members], dim=1)
     if cache is True:
         cache = FeatureCache()
     elif cache is False:

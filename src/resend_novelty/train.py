@@ -99,6 +99,9 @@ class TrainConfig:
             raise ValueError(f"val_protocol must be 'halves' or 'proxy', got {self.val_protocol!r}")
         if self.val_protocol == "proxy" and not self.frozen_backbone:
             raise ValueError("val_protocol='proxy' needs frozen_backbone (cached features)")
+        if "+" in self.backbone and not self.frozen_backbone:
+            raise ValueError(f"end-to-end training needs a single backbone, not the ensemble "
+                             f"{self.backbone!r} (its members preprocess images differently)")
         if self.steps < 1 or self.batch_pairs < 1:
             raise ValueError("steps and batch_pairs must be positive")
 

@@ -18,7 +18,9 @@ def add_parser(sub, name):
     p.add_argument("data", help="image directory or list file")
     p.add_argument("--root", default=None, help="root of the list file's paths")
     p.add_argument("--backbone", default="efficientnet_lite0",
-                   help="backbone name (default efficientnet_lite0)")
+                   help="backbone name (default efficientnet_lite0; efficientnet_lite1, "
+                   "efficientnet_lite2, resnet18, or names joined by '+' for concatenated features, "
+                   "e.g. efficientnet_lite0+efficientnet_lite1, the shipped checkpoint's)")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per backbone batch (default 64)")
@@ -27,6 +29,8 @@ def add_parser(sub, name):
                    help="feature cache directory (default $RESEND_CACHE or ~/.cache/resend_novelty)")
     p.add_argument("--export", default=None, metavar="OUT.safetensors",
                    help="also write features, labels and paths to this file")
+    p.add_argument("--fp16", action="store_true",
+                   help="--export: store the features as float16 (half the file; loaders upcast)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -55,9 +59,9 @@ def run(args) -> int:
                              progress=not args.quiet)
     print(f"{len(paths)} images, features {tuple(feats.shape)} ({bb.cache_namespace})")
     if args.export:
-        tensors = {"features": feats.contiguous()}
+        tensors = {"features": (feats.half() if args.fp16 else feats).contiguous()}
         if labels is not None:
             tensors["labels"] = torch.tensor(labels)
-        save_file(tensors, args.export, metadata={"paths": json.dumps(paths),
+        save_file(tensors, args.export, metadata={"paths": json.dumps(paths), "backbone": bb.name,
                                                   "namespace": bb.cache_namespace})
     return 0
