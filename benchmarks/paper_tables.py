@@ -239,12 +239,16 @@ def main(argv=None) -> int:
         trained[name] = train_variant(name, rec, arch, loss, data_root, out, args.quiet)
         print(f"[train] {name}: val {trained[name]['val']}", flush=True)
     if shipped:
-        resend_model, resend_desc = load_checkpoint(shipped), "shipped checkpoint (resend_lite0)"
+        resend_model = load_checkpoint(shipped)
+        resend_desc = f"shipped checkpoint ({Path(shipped).stem}, {resend_model.config.backbone} features)"
     else:
         resend_model = load_checkpoint(trained["transformer"]["path"])
         resend_desc = ("no shipped checkpoint in this installation: the transformer trained here "
                        f"with the Table 5 recipe ({trained['transformer']['path']})")
     lite0 = build_backbone("efficientnet_lite0")
+    # resend runs on the features its checkpoint was trained on (the baselines on Lite0)
+    resend_bb = (lite0 if resend_model.config.backbone == "efficientnet_lite0"
+                 else build_backbone(resend_model.config.backbone))
 
     def run(key, method, setting, **kw):
         print(f"[eval] {key} {setting} ...", flush=True)
@@ -279,7 +283,7 @@ def main(argv=None) -> int:
                                    f"({type(exc).__name__}; torchvision downloads them)")
         for setting in SETTINGS:
             rows = [("resend", run("resend", "resend", setting, model=resend_model,
-                                   backbone=lite0), "")]
+                                   backbone=resend_bb), "")]
             for bname, bb in backbones.items():
                 for m in ("cosine", "euclidean", "knn"):
                     label = f"{m} ({bname})"
@@ -328,7 +332,7 @@ def main(argv=None) -> int:
             key = "resend"
             r_resend = results.get(f"{key}|{setting}") if "table2" in args.only else None
             rows = [("resend", r_resend or run("resend", "resend", setting, model=resend_model,
-                                                backbone=lite0), "")]
+                                                backbone=resend_bb), "")]
             for m in ft_methods + plain:
                 kw = {"budget_model": resend_model} if m.startswith("ft-") else {}
                 r = run(f"t3-{m}", m, setting, backbone=lite0, **kw)
@@ -346,7 +350,7 @@ def main(argv=None) -> int:
             for setting in SETTINGS:
                 sub = dict(max_per_class=gram_n)
                 rows = [("resend", run("resend", "resend", setting, model=resend_model,
-                                       backbone=lite0, **sub), ""),
+                                       backbone=resend_bb, **sub), ""),
                         ("cosine", run("t2-cosine-efficientnet_lite0", "cosine", setting,
                                        backbone=lite0, **sub), "")]
                 for m in ("gram", "ft-gram"):

@@ -283,6 +283,13 @@ def test_fine_tuning_budget_is_the_resend_evaluation_time(clusters, tmp_path):
     det.fit_features(support, s_lab)
     det.nearest_class_features(test)
     assert det.ft_info_["budget_s"] > 0
+    # a budget model of another feature size (the shipped Lite0+Lite1 one next to a Lite0 head)
+    # is timed on stand-in features of its own size, and says so
+    wide = RelationalModule(RelationalConfig(feature_dim=2 * D, dim=16, depth=1, heads=2))
+    det = build_detector("ft-msp", backbone=None, progress=False, budget_model=wide)
+    det.fit_features(support, s_lab)
+    det.score_features(test)
+    assert det.ft_info_["budget_s"] > 0 and "stand-in features" in det.ft_info_["budget_rule"]
 
 
 def test_fixed_budget_in_seconds(clusters):

@@ -375,8 +375,18 @@ class FineTunedDetector(_NoLOOCalibration, PrototypeDetector):
 
             model = self.budget_model = load_checkpoint(model)
         feats, _, labels = self._ft_data
-        if feats.shape[1] != model.config.feature_dim:
-            raise ValueError("the budget model's feature dimension differs from the features")
+        dim, feats_dim = model.config.feature_dim, feats.shape[1]
+        self._budget_note = ""
+        if feats_dim != dim:
+            # the budget model reads other features (e.g. the shipped Lite0+Lite1 checkpoint next
+            # to a Lite0 head): its evaluation time depends on the numbers of images and on its
+            # own sizes, not on the feature values, so it is timed on seeded stand-in features of
+            # its own dimension (same counts)
+            g = torch.Generator().manual_seed(0)
+            feats = torch.randn(feats.shape[0], dim, generator=g)
+            test_features = torch.randn(test_features.shape[0], dim, generator=g)
+            self._budget_note = (f" (timed on stand-in features of the budget model's dimension, "
+                                 f"{dim}; the head reads {feats_dim}-d features)")
         return resend_eval_seconds(model, feats, labels, test_features, device=self.device)
 
     def _train(self, seconds: float | None) -> None:
@@ -400,7 +410,8 @@ class FineTunedDetector(_NoLOOCalibration, PrototypeDetector):
                 raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() first")
             seconds = self._budget_seconds(test_features)
             self._train(seconds)
-            self.ft_info_["budget_rule"] = "ReSeND evaluation time of this target"
+            self.ft_info_["budget_rule"] = ("ReSeND evaluation time of this target"
+                                            + self._budget_note)
 
     def _penultimate(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_[:-1](x)

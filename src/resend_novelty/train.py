@@ -671,7 +671,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "'labels' (from `resend features --export`)")
     p.add_argument("--out", required=True, help="output directory (checkpoints, best/final model)")
     p.add_argument("--root", default=None, help="root of the list file's paths")
-    p.add_argument("--backbone", default=d.backbone, help=f"backbone (default {d.backbone})")
+    p.add_argument("--backbone", default=d.backbone,
+                   help=f"backbone (default {d.backbone}; efficientnet_lite1, efficientnet_lite2, "
+                   "resnet18, or names joined by '+' for concatenated features: the shipped "
+                   "checkpoint uses efficientnet_lite0+efficientnet_lite1)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--frozen-backbone", dest="frozen_backbone", action="store_true",
                       default=True, help="train only the relational module on cached features "
