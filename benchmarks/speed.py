@@ -567,8 +567,11 @@ def _cache_coverage(data_root: Path, backbone: str) -> tuple[int, int]:
         for s, q in load_setting_lists(name, data_root).values():
             paths.update(r.path for r in (*s, *q))
     bb = build_backbone(backbone)
-    hit = FeatureCache().get_many(bb.cache_namespace, [image_key(p) for p in paths])
-    return len(hit), len(paths)
+    keys = [image_key(p) for p in paths]
+    # an ensemble has no cache of its own: an image is warm when every member holds it
+    cached = [set(FeatureCache().get_many(m.cache_namespace, keys))
+              for m in getattr(bb, "members", (bb,))]
+    return len(set.intersection(*cached)), len(paths)
 
 
 def part_d(device: torch.device, data_root: Path, tmp: Path, cold: bool = False,
