@@ -110,6 +110,10 @@ CONFIGS = {
     "standardized + cosine skip + views, proxy val, Lite0+Lite1, cross-domain 0.5": cfg(
         backbone="efficientnet_lite0+efficientnet_lite1", style_views=24, val_protocol="proxy",
         cross_domain=0.5, model={"cosine_skip": True, "standardize_features": True}),
+    # session 5: on Lite0+Lite1+Lite2 (3840-d), the ensemble the proxy ranks first (*Backbones*)
+    "standardized + cosine skip + views, proxy val, Lite0+Lite1+Lite2": cfg(
+        backbone="efficientnet_lite0+efficientnet_lite1+efficientnet_lite2", style_views=24,
+        val_protocol="proxy", model={"cosine_skip": True, "standardize_features": True}),
 }
 
 
@@ -217,10 +221,11 @@ def table(rows: list[dict], command: str) -> str:
               "prototypes 0.644 / 0.623; centred cosine (`--method cosine-centered`, multi-source "
               "support centred per source domain) 0.693 / 0.691; standardised cosine "
               "(`cosine-standardized`) 0.687 / 0.698; on Lite1 0.734 / 0.712, on Lite0+Lite1 "
-              "0.733 / 0.722 (section *PACS*). The shipped checkpoint (session 4) is the recipe "
-              "`standardized + cosine skip + views, proxy val, Lite0+Lite1` with the max-logit "
-              "normality (benchmarks/shipped_config.json): PACS 0.743 / 0.835 multi, 0.734 / 0.900 "
-              "single. Until session 3 it was the same recipe on Lite0 (0.687 / 0.883, 0.698 / 0.890). "
+              "0.733 / 0.722, on Lite0+Lite1+Lite2 0.730 / 0.760 (sections *PACS* and *Backbones*). The "
+              "shipped checkpoint (session 4) is the recipe `standardized + cosine skip + views, "
+              "proxy val, Lite0+Lite1` with the max-logit normality "
+              "(benchmarks/shipped_config.json): PACS 0.743 / 0.835 multi, 0.734 / 0.900 single. "
+              "Until session 3 it was the same recipe on Lite0 (0.687 / 0.883, 0.698 / 0.890). "
               "Runs of session 1 were scored on PACS with the "
               "multi-source support centred on its pooled mean (the benchmark now normalises each "
               "source domain on its own, as in training).", "",
@@ -257,6 +262,17 @@ def table(rows: list[dict], command: str) -> str:
               "ranking differs measurably from its cosine start. Half of the pairs cross-domain "
               "on Lite0+Lite1 ties it exactly (proxy 0.7497, same best step 50): not adopted "
               "(rule: above 0.7497 + 0.002).",
+              "- Session 5: the recipe on Lite0+Lite1+Lite2 (3840-d), once the Lite2 features of "
+              "Tiny-ImageNet were cached (its train s include that extraction), reaches proxy 0.7552 "
+              "with max-logit and passed the rule "
+              "written before the run (above 0.7497 + 0.002). Its regeneration as the shipped "
+              "checkpoint (best step 50 by the max-logit proxy) gave PACS, default scoring, multi "
+              "0.730 / 0.849 (Art 0.664, Sketch 0.714, Cartoon 0.726, Photo 0.814) and single "
+              "0.760 / 0.887: the same numbers as standardised cosine on those features. Sketch "
+              "is more than 0.03 below its Lite0 cosine baseline (0.749), which issue 4 forbids, "
+              "so it was vetoed, as the session-3 refinement was: the Lite0+Lite1 checkpoint "
+              "stays. The proxy averages both settings; PACS gained single-source (+0.026) and "
+              "lost multi-source (-0.013).",
               "- Nothing here reaches the multi-source target (0.78).",
               "- Not run here (no GPU lent, CPU budget): end-to-end fine-tuning of the backbone, longer "
               "schedules, a reference set with more classes.", "",

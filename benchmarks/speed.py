@@ -233,9 +233,10 @@ def part_a(device: torch.device, n_test: int = 2048, n_protos: int = 6, loop_n: 
     # backbone features are non-negative (pooled ReLU6 activations)
     protos = torch.rand(n_protos, cfg.feature_dim, generator=g)
     test = torch.rand(n_test, cfg.feature_dim, generator=g)
-    # center=False: the loop below scores raw features, so the batched scorer must too
+    # center=False: the loop below scores raw features, so the batched scorer must too;
+    # neighbors=0: one prototype per class, as in the loop (whatever the checkpoint's default)
     det = ReSeNDDetector(model=model, backbone=None, device=device, progress=False,
-                         chunk_pairs=chunk_pairs, center=False)
+                         chunk_pairs=chunk_pairs, center=False, neighbors=0)
     det.fit_features(protos, np.arange(n_protos))
     loop_n = max(1, min(loop_n, n_test))
     amp = device.type == "cuda"
@@ -576,7 +577,8 @@ def _cache_coverage(data_root: Path, backbone: str) -> tuple[int, int]:
 
 def part_d(device: torch.device, data_root: Path, tmp: Path, cold: bool = False,
            features_file: str | None = None, max_per_class: int | None = None,
-           progress: bool = True, chunk_pairs: int | None = None) -> dict:
+           progress: bool = True, chunk_pairs: int | None = None,
+           model_path: str | None = None) -> dict:
     from resend_novelty.backbones import build_backbone
     from resend_novelty.benchmark import get_setting, run_benchmark
     from resend_novelty.checkpoint import CheckpointError, default_checkpoint_path, load_checkpoint, save_checkpoint
@@ -584,9 +586,15 @@ def part_d(device: torch.device, data_root: Path, tmp: Path, cold: bool = False,
     from resend_novelty.model import RelationalConfig, RelationalModule
 
     try:
-        model = load_checkpoint(default_checkpoint_path())
-        model_note = f"shipped checkpoint `{default_checkpoint_path().name}`"
+        if model_path:
+            model = load_checkpoint(model_path)
+            model_note = f"checkpoint `{Path(model_path).name}` (`--d-model`)"
+        else:
+            model = load_checkpoint(default_checkpoint_path())
+            model_note = f"shipped checkpoint `{default_checkpoint_path().name}`"
     except CheckpointError as exc:
+        if model_path:
+            raise
         print(f"  {exc}", flush=True)
         torch.manual_seed(0)
         ck = tmp / "random_relational.safetensors"
@@ -769,6 +777,9 @@ def main(argv=None) -> int:
     g.add_argument("--features-file", default=None,
                    help="use features exported by `resend features DIR --export F` instead of "
                    "images and cache (the images need not exist; the lists must)")
+    g.add_argument("--d-model", default=None, metavar="CKPT",
+                   help="relational checkpoint for the resend rows (default: the shipped one); "
+                   "its backbone decides which features are scored")
     g.add_argument("--max-per-class", type=int, default=None,
                    help="first N images per class of each list (quick check, not the protocol)")
     ap.add_argument("--section", default="speed", help="BENCHMARKS.md section (default: speed)")
@@ -844,7 +855,8 @@ def main(argv=None) -> int:
             else:
                 res = part_d(device, data_root, tmp, cold=args.cold,
                              features_file=args.features_file, max_per_class=args.max_per_class,
-                             progress=not args.quiet, chunk_pairs=args.chunk_pairs)
+                             progress=not args.quiet, chunk_pairs=args.chunk_pairs,
+                             model_path=args.d_model)
                 md = format_d(res, device)
                 results["d"] = res
             wall = time.perf_counter() - t0

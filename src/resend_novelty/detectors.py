@@ -452,7 +452,20 @@ class PrototypeDetector:
     def loo_scores_features(
         self, features, labels, block: int = 16
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Leave-one-out normality of support features w.r.t. the fitted prototypes.
+        """Leave-one-out normality of the support features the detector was fitted on (same
+        rows, same order): :meth:`loo_similarities_features`, then the normality.
+
+        Returns ``(scores, used)``: ``scores`` of the images in classes with >= 2 images,
+        ``used`` the boolean mask of those images among ``features``.
+        """
+        u, used = self.loo_similarities_features(features, labels, block)
+        return self.normality_from_similarities(u[torch.as_tensor(used)]).numpy(), used
+
+    def loo_similarities_features(
+        self, features, labels, block: int = 16
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Leave-one-out similarities ``u`` ``(N, K)`` of support features w.r.t. the fitted
+        prototypes.
 
         For image i of class c (n_c images) the prototype of c becomes
         ``(n_c * p_c - f_i) / (n_c - 1)``; the other prototypes are unchanged. Works for any
@@ -460,8 +473,8 @@ class PrototypeDetector:
         ``prototypes_`` for a block of LOO prototypes and keeping the diagonal (``block`` images
         at a time: ``block`` x more pairs than needed, ``N / block`` calls).
 
-        Returns ``(scores, used)``: ``scores`` of the images in classes with >= 2 images,
-        ``used`` the boolean mask of those images among ``features``.
+        Returns ``(u, used)``: ``used`` marks the images in classes with >= 2 images (the rows
+        of ``u`` that are leave-one-out similarities).
         """
         features = self._check_fitted(features)
         labels = np.asarray(labels)
@@ -494,8 +507,7 @@ class PrototypeDetector:
                 u[rows, k] = torch.diagonal(s)
                 bar.update(len(rows))
         bar.close()
-        scores = self.normality_from_similarities(u[torch.as_tensor(used)]).numpy()
-        return scores, used
+        return u, used
 
     def calibrate_features(self, features, labels, tpr: float = 0.95) -> "PrototypeDetector":
         """Fit on support features and set ``threshold_`` from their leave-one-out scores.
@@ -602,15 +614,18 @@ class ReSeNDDetector(PrototypeDetector):
     checkpoint's ``config.normality``. ``center``: domain normalisation; default: the one the
     checkpoint was trained with (``config.domain_norm``).
 
-    ``neighbors=k`` (not in the paper; default None = one prototype per class): u_c = mean
-    relational logit of the test image with the ``k`` support images of class c nearest to it by
-    cosine - several "prototypes" per class, which keeps the modes of a class that spans several
-    domains. Costs ``k`` x more pairs; :meth:`calibrate` is not available in this mode.
+    ``neighbors=k`` (not in the paper; 0 = one prototype per class; default None = the
+    checkpoint's ``config.neighbors``): also compare the test image with the ``k`` support images
+    of class c nearest to it by cosine - several "prototypes" per class, which keeps the modes of
+    a class that spans several domains. ``neighbor_weight=w`` (default: the checkpoint's
+    ``config.neighbor_weight``) mixes the two: u_c = (1 - w) * logit(x, prototype_c) + w * mean
+    logit(x, neighbour) over those k neighbours; w = 1 uses the neighbours only. Costs about ``k``
+    x more pairs. :meth:`calibrate` leaves each support image out of its own neighbours too.
 
     ``refine``: steps of test-time prototype refinement (:meth:`refine_prototypes`; not in the
     paper; default 0 = off, see its caveat). Needs a model with
     ``input_norm="l2"`` (the relational score then depends on the prototype's direction only)
-    and class prototypes (not ``neighbors``). :meth:`calibrate` scores the support with the
+    and class prototypes only (``neighbors=0``). :meth:`calibrate` scores the support with the
     unrefined prototypes.
     """
 
@@ -619,7 +634,8 @@ class ReSeNDDetector(PrototypeDetector):
 
     def __init__(self, model: RelationalModule | str | os.PathLike | None = None,
                  chunk_pairs: int | None = None, normality: str | None = None,
-                 neighbors: int | None = None, refine: int = 0, **kwargs):
+                 neighbors: int | None = None, neighbor_weight: float | None = None,
+                 refine: int = 0, **kwargs):
         if isinstance(model, RelationalModule):
             self.model = model
         else:
@@ -643,9 +659,19 @@ class ReSeNDDetector(PrototypeDetector):
             raise ValueError(f"normality must be one of {NORMALITIES}, got {self.normality!r}")
         if self.normality != "softmax":
             self.needs_two_classes = False  # max(u) is meaningful with a single class
-        if neighbors is not None and int(neighbors) < 1:
-            raise ValueError(f"neighbors must be >= 1 (or None for class prototypes), got {neighbors}")
-        self.neighbors = None if neighbors is None else int(neighbors)
+        cfg = self.model.config
+        k = int(getattr(cfg, "neighbors", 0) if neighbors is None else neighbors)
+        if k < 0:
+            raise ValueError(f"neighbors must be >= 1, or 0 for one prototype per class, got {k}")
+        self.neighbors = k or None  # None: class prototypes only
+        if neighbor_weight is not None and self.neighbors is None:
+            raise ValueError("neighbor_weight mixes in the k nearest support images: it needs "
+                             "neighbors=k (k >= 1)")
+        w = float(getattr(cfg, "neighbor_weight", 1.0) if neighbor_weight is None
+                  else neighbor_weight)
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"neighbor_weight must be in [0, 1], got {w}")
+        self.neighbor_weight = w
         self.model.eval()
         if kwargs.get("center") is None:  # the model's training decides (config.domain_norm)
             self.domain_norm = self.model.config.domain_norm
@@ -654,7 +680,9 @@ class ReSeNDDetector(PrototypeDetector):
                              "model with input_norm='l2' (direction-only prototypes)")
         if refine and self.neighbors is not None:
             raise ValueError("refine > 0 refines class prototypes: it cannot be combined with "
-                             "neighbors=k")
+                             f"neighbors={self.neighbors}" + (
+                                 " (the checkpoint's default; pass neighbors=0)"
+                                 if neighbors is None else ""))
         self.supports_refinement = True
         self._set_refinement(refine, self.refine_fraction, self.refine_keep)
 
@@ -667,38 +695,76 @@ class ReSeNDDetector(PrototypeDetector):
                                  for k in range(len(self.classes_))]
         return self
 
-    def _calibrate_fitted(self, features, labels, tpr: float):
-        if self.neighbors is not None:
-            raise NotImplementedError(
-                "calibrate() needs class prototypes: it is not available with neighbors=k; "
-                "pass an explicit threshold to predict()")
-        return super()._calibrate_fitted(features, labels, tpr)
+    def loo_similarities_features(self, features, labels, block: int = 16):
+        """Leave-one-out similarities: with ``neighbors=k`` each support image is also left out
+        of its own class's nearest support images (the prototype part as in the base class)."""
+        k = self.neighbors
+        self.neighbors = None  # the prototype part: the base class's leave-one-out
+        try:
+            u, used = super().loo_similarities_features(features, labels, block)
+        finally:
+            self.neighbors = k
+        if k is None:
+            return u, used
+        x = self._check_fitted(features)
+        near = self._knn_similarities(x, exclude=torch.arange(x.shape[0]))
+        w = self.neighbor_weight
+        return (1 - w) * u + w * near, used
 
     @torch.inference_mode()
-    def _knn_similarities(self, features: torch.Tensor) -> torch.Tensor:
-        """u_c = mean logit over the k support images of class c nearest by cosine."""
+    def _knn_similarities(self, features: torch.Tensor,
+                          exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """u_c = mean logit over the k support images of class c nearest by cosine.
+
+        Each support and test image is projected to its token once (eq. 2); only the blocks
+        run per (test image, neighbour) pair. Same function as ``model(f_i, f_j)``.
+        ``exclude``: for each row of ``features``, a support row that may not be one of its
+        neighbours (leave-one-out: the row itself).
+        """
         model = self.model.to(self.device)
         support = self._knn_support
         cos = F.normalize(features, dim=1) @ F.normalize(support, dim=1).T  # (N, M)
+        if exclude is not None:
+            cos[torch.arange(cos.shape[0]), exclude] = float("-inf")
+        use_amp = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            z_support = model.encode(support.to(self.device))  # (M, dim), once
         u = torch.empty(features.shape[0], len(self._knn_members))
         rows = max(1, (self.chunk_pairs or 4096) // self.neighbors)
-        use_amp = self.device.type == "cuda"
         for c, members in enumerate(self._knn_members):
             k = min(self.neighbors, len(members))
-            nearest = members[cos[:, members].topk(k, dim=1).indices]  # (N, k) support rows
+            top = cos[:, members].topk(k, dim=1)
+            nearest = members[top.indices]  # (N, k) support rows
+            valid = torch.isfinite(top.values)  # False: an excluded row (class of <= k images)
             for start in range(0, features.shape[0], rows):
                 f = features[start:start + rows]
-                part = support[nearest[start:start + rows]]  # (n, k, D)
+                near = nearest[start:start + rows]  # (n, k)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    logits = model(f.repeat_interleave(k, 0).to(self.device),
-                                   part.reshape(-1, part.shape[-1]).to(self.device))
-                u[start:start + len(f), c] = logits.float().view(len(f), k).mean(1).cpu()
+                    z_i = model.encode(f.to(self.device))
+                    logits = model.relate(z_i.repeat_interleave(k, 0),
+                                          z_support[near.reshape(-1).to(self.device)])
+                logits = logits.float().view(len(f), k)
+                if model.config.cosine_skip:  # the skip term of forward(), on the same cosines
+                    rows_cos = cos[start:start + rows].gather(1, near).to(self.device)
+                    logits = logits + model.cosine_term(rows_cos).float()
+                ok = valid[start:start + rows].to(logits.device)
+                mean = logits.where(ok, 0).sum(1) / ok.sum(1).clamp_min(1)
+                u[start:start + len(f), c] = mean.cpu()
         return u
 
     @torch.inference_mode()
     def similarities_features(self, features) -> torch.Tensor:
         if self.neighbors is not None and getattr(self, "_knn_support", None) is not None:
-            return self._knn_similarities(features)
+            near = self._knn_similarities(features)
+            w = self.neighbor_weight
+            if w >= 1.0:
+                return near
+            return (1 - w) * self._prototype_similarities(features) + w * near
+        return self._prototype_similarities(features)
+
+    @torch.inference_mode()
+    def _prototype_similarities(self, features) -> torch.Tensor:
+        """u_c = logit(x, prototype_c), every (test image, prototype) pair batched."""
         model = self.model.to(self.device)
         use_amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):

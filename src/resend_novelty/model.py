@@ -60,6 +60,10 @@ class RelationalConfig:
     # std per dimension, resend_novelty.domain_norm); detectors do the same (not in the paper)
     normality: str = "softmax"  # the detector's default normality: "softmax" = max(softmax(u))
     # (the paper), "max-logit" = max(u) (the similarity to the nearest prototype)
+    neighbors: int = 0  # the detector's default support references: 0 = one prototype per class
+    # (the paper); k = also the k support images of each class nearest to the test image
+    neighbor_weight: float = 1.0  # with neighbors = k: u_c = (1 - w) * logit with the class
+    # prototype + w * mean logit with the k nearest support images of class c (not in the paper)
 
     @property
     def domain_norm(self) -> str:
@@ -75,6 +79,10 @@ class RelationalConfig:
             raise ValueError(f"normality must be one of {NORMALITIES}, got {self.normality!r}")
         if self.input_norm not in ("l2", "none"):
             raise ValueError(f"input_norm must be 'l2' or 'none', got {self.input_norm!r}")
+        if int(self.neighbors) < 0:
+            raise ValueError(f"neighbors must be >= 0 (0 = class prototypes), got {self.neighbors}")
+        if not 0.0 <= float(self.neighbor_weight) <= 1.0:
+            raise ValueError(f"neighbor_weight must be in [0, 1], got {self.neighbor_weight}")
         for name in ("feature_dim", "dim", "depth", "heads"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

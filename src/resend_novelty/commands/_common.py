@@ -39,8 +39,15 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--neighbors", type=int, default=None, metavar="K",
-        help="--method resend: score each class by the mean similarity to its K support images "
-        "nearest to the test image (cosine), instead of one prototype per class (not in the paper)",
+        help="--method resend: also compare each test image with the K support images of each "
+        "class nearest to it (cosine), not only with the class prototype (not in the paper); "
+        "0 = prototypes only; default: the checkpoint's own",
+    )
+    p.add_argument(
+        "--neighbor-weight", type=float, default=None, metavar="W",
+        help="--method resend with --neighbors K: similarity to a class = (1 - W) x similarity "
+        "to its prototype + W x mean similarity to its K nearest support images (1 = neighbours "
+        "only); default: the checkpoint's own",
     )
     p.add_argument(
         "--refine", type=int, default=None, metavar="STEPS",
@@ -93,11 +100,11 @@ def detector_factory(args):
 
     common.update(baseline_kwargs(args))
 
-    resend_only = {k: getattr(args, k, None) for k in ("normality", "neighbors")}
+    resend_only = {k: getattr(args, k, None) for k in ("normality", "neighbors", "neighbor_weight")}
     resend_only = {k: v for k, v in resend_only.items() if v is not None}
     if resend_only and args.method != "resend":
-        raise ValueError(f"--{'/--'.join(resend_only)} only apply to --method resend, "
-                         f"not {args.method}")
+        flags = "/--".join(k.replace("_", "-") for k in resend_only)
+        raise ValueError(f"--{flags} only apply to --method resend, not {args.method}")
     common.update(resend_only)
     if getattr(args, "refine", None):
         common["refine"] = args.refine  # detectors without refinement raise a clear error
