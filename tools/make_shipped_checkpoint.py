@@ -4,7 +4,9 @@
 
 Pretrains the configuration chosen by the ablation study (benchmarks/pretrain_ablation.py; chosen
 on held-out Tiny-ImageNet classes only, never on PACS) on the Tiny-ImageNet reference set with
-frozen features of the recipe's backbone (EfficientNet-Lite0 and Lite1, concatenated), keeps the best step by validation AUROC, and writes
+frozen features of the recipe's backbone (EfficientNet-Lite0 and Lite1, concatenated), keeps the
+best step by validation AUROC, applies the scoring defaults chosen afterwards on the proxy
+(``"scoring"`` in benchmarks/shipped_config.json, e.g. ``neighbors``; none so far), and writes
 ``src/resend_novelty/weights/resend_lite0_lite1.safetensors`` (fp16) with its SHA-256 beside it.
 Same seed -> same weights on the same machine/torch build (CPU); numbers agree within noise
 elsewhere. Interrupted runs resume (``runs/shipped_lite0_lite1``).
@@ -51,6 +53,13 @@ def main(argv=None) -> int:
     cfg = TrainConfig(data=str(Path(args.data_root) / "tiny_imagenet_200" / "train"), out=args.out, **kw)
     summary = train(cfg, resume=True)
     model = load_checkpoint(Path(args.out) / "best.safetensors")
+    # scoring defaults chosen after training, on the trained model (e.g. neighbors): they change
+    # how the detector scores, not the weights or the step selection of the run
+    for key, value in ({} if args.config else chosen.get("scoring", {})).items():
+        if not hasattr(model.config, key):
+            raise SystemExit(f"shipped_config.json: unknown scoring key {key!r}")
+        setattr(model.config, key, value)
+    model.config.__post_init__()  # validate the values
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     target = WEIGHTS / SHIPPED_NAME
     import torch
