@@ -233,6 +233,8 @@ def test_real_shipped_checkpoint_loads(tmp_path, monkeypatch):
     assert model.config.backbone == "efficientnet_lite0+efficientnet_lite1"
     assert model.config.feature_dim == 2560
     assert model.config.standardize_features and model.config.normality == "max-logit"
+    # session 5: hybrid support references chosen on the proxy (shipped_config.json "scoring")
+    assert (model.config.neighbors, model.config.neighbor_weight) == (10, 0.5)
     from resend_novelty.backbones import build_backbone
 
     for member in build_backbone(model.config.backbone).members:  # weights from pip: offline

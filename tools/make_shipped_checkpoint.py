@@ -6,7 +6,7 @@ Pretrains the configuration chosen by the ablation study (benchmarks/pretrain_ab
 on held-out Tiny-ImageNet classes only, never on PACS) on the Tiny-ImageNet reference set with
 frozen features of the recipe's backbone (EfficientNet-Lite0 and Lite1, concatenated), keeps the
 best step by validation AUROC, applies the scoring defaults chosen afterwards on the proxy
-(``"scoring"`` in benchmarks/shipped_config.json, e.g. ``neighbors``; none so far), and writes
+(``"scoring"`` in benchmarks/shipped_config.json: ``neighbors``, ``neighbor_weight``), and writes
 ``src/resend_novelty/weights/resend_lite0_lite1.safetensors`` (fp16) with its SHA-256 beside it.
 Same seed -> same weights on the same machine/torch build (CPU); numbers agree within noise
 elsewhere. Interrupted runs resume (``runs/shipped_lite0_lite1``).
