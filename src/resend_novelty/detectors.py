@@ -729,6 +729,7 @@ class ReSeNDDetector(PrototypeDetector):
         use_amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             z_support = model.encode(support.to(self.device))  # (M, dim), once
+            z_test = model.encode(features.to(self.device))  # (N, dim), once for every class
         u = torch.empty(features.shape[0], len(self._knn_members))
         rows = max(1, (self.chunk_pairs or 4096) // self.neighbors)
         for c, members in enumerate(self._knn_members):
@@ -737,19 +738,18 @@ class ReSeNDDetector(PrototypeDetector):
             nearest = members[top.indices]  # (N, k) support rows
             valid = torch.isfinite(top.values)  # False: an excluded row (class of <= k images)
             for start in range(0, features.shape[0], rows):
-                f = features[start:start + rows]
+                z_i = z_test[start:start + rows]
                 near = nearest[start:start + rows]  # (n, k)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    z_i = model.encode(f.to(self.device))
                     logits = model.relate(z_i.repeat_interleave(k, 0),
                                           z_support[near.reshape(-1).to(self.device)])
-                logits = logits.float().view(len(f), k)
+                logits = logits.float().view(len(z_i), k)
                 if model.config.cosine_skip:  # the skip term of forward(), on the same cosines
                     rows_cos = cos[start:start + rows].gather(1, near).to(self.device)
                     logits = logits + model.cosine_term(rows_cos).float()
                 ok = valid[start:start + rows].to(logits.device)
                 mean = logits.where(ok, 0).sum(1) / ok.sum(1).clamp_min(1)
-                u[start:start + len(f), c] = mean.cpu()
+                u[start:start + len(z_i), c] = mean.cpu()
         return u
 
     @torch.inference_mode()
