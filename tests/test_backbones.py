@@ -127,3 +127,40 @@ def test_detector_on_an_ensemble_backbone(class_folders, tiny_backbone):
     det.fit(str(class_folders / "support"))
     scores = det.score(sorted(str(p) for p in (class_folders / "test").rglob("*.png")))
     assert len(scores) == 12 and np.isfinite(scores).all()
+
+
+# ----------------------------------------------------------------------- fine-tuned weights files
+def test_weights_file_replaces_the_imagenet_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    src = backbones.build_backbone("efficientnet_lite0", pretrained=False).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.mul_(0.5)
+    path = tmp_path / "ft.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    bb = backbones.EfficientNetLite(variant=0, weights=path).eval()
+    assert bb.weights_id.startswith("file-") and bb.weights_id in bb.cache_namespace
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.allclose(bb(x), src(x), atol=1e-5)
+    # a state dict of another variant is refused, naming the file
+    with pytest.raises(RuntimeError, match="does not match"):
+        backbones.EfficientNetLite(variant=1, weights=path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        backbones.EfficientNetLite(variant=0, weights=tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("name,crop", [("efficientnet_lite0_ft", 224), ("efficientnet_lite1_ft", 240)])
+def test_fine_tuned_backbones_ship_in_the_package(name, crop):
+    """The shipped fine-tuned weights load offline and differ from the ImageNet starting point."""
+    ft = backbones.build_backbone(name).eval()
+    assert ft.name == name and ft.weights_id.startswith("file-")
+    assert ft.preprocessing.crop == crop
+    base = backbones.build_backbone(name.removesuffix("_ft")).eval()
+    x = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = ft(x), base(x)
+    assert a.shape == (2, 1280) and torch.isfinite(a).all()
+    cos = torch.nn.functional.cosine_similarity(a, b).min()
+    assert 0.3 < cos < 0.9999, cos  # moved away from ImageNet, but not to something unrelated

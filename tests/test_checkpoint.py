@@ -229,16 +229,17 @@ def test_real_shipped_checkpoint_loads(tmp_path, monkeypatch):
     path = default_checkpoint_path()  # verifies the recorded sha256
     assert path == _REAL
     model = load_checkpoint()
-    # session 4: the proxy chose Lite0 + Lite1 features (benchmarks/shipped_config.json)
-    assert model.config.backbone == "efficientnet_lite0+efficientnet_lite1"
+    # session 4: the proxy chose Lite0 + Lite1 features; session 6: the same backbones fine-tuned
+    # end to end on the reference set (benchmarks/shipped_config.json "backbone")
+    assert model.config.backbone == "efficientnet_lite0_ft+efficientnet_lite1_ft"
     assert model.config.feature_dim == 2560
     assert model.config.standardize_features and model.config.normality == "max-logit"
     # session 5: hybrid support references chosen on the proxy (shipped_config.json "scoring")
     assert (model.config.neighbors, model.config.neighbor_weight) == (10, 0.5)
     from resend_novelty.backbones import build_backbone
 
-    for member in build_backbone(model.config.backbone).members:  # weights from pip: offline
-        assert member.weights_id.startswith("imagenet-")
+    for member in build_backbone(model.config.backbone).members:  # weights in the package
+        assert member.weights_id.startswith("file-")
     f = torch.randn(4, 2560)
     out = model.pairwise_logits(f, f[:2])
     assert out.shape == (4, 2) and torch.isfinite(out).all()

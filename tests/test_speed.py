@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import mmap
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -163,8 +165,12 @@ def test_peak_memory_sees_an_allocation(speed):
     with speed.Peak(torch.device("cpu")) as base:
         pass
     with speed.Peak(torch.device("cpu")) as pk:
-        big = np.ones(64 * 2**20 // 8)  # 64 MiB, alive at exit
-    assert big[0] == 1.0
+        # 64 MiB of fresh pages, alive at exit (an anonymous mapping: malloc could reuse memory
+        # freed by earlier tests that is still resident, and the RSS would not move)
+        big = mmap.mmap(-1, 64 * 2**20)
+        big.write(b"\1" * (64 * 2**20))
+        time.sleep(0.1)  # let the sampler see it
+    assert big[0] == 1
     assert pk.rss_mb >= base.rss_mb + 40
     assert pk.gpu_mb is None
 

@@ -59,6 +59,18 @@ def main(argv=None) -> int:
         if not hasattr(model.config, key):
             raise SystemExit(f"shipped_config.json: unknown scoring key {key!r}")
         setattr(model.config, key, value)
+    # features chosen after training (session 6: the backbones fine-tuned end to end by
+    # tools/finetune_backbones.py): the relational weights read the same-sized features of
+    # another backbone; the choice was made on the proxy with these very weights
+    backbone = None if args.config else chosen.get("backbone")
+    if backbone:
+        from resend_novelty.backbones import build_backbone
+
+        dim = build_backbone(backbone).feature_dim
+        if dim != model.config.feature_dim:
+            raise SystemExit(f"shipped_config.json: backbone {backbone!r} gives {dim}-d features, "
+                             f"the model takes {model.config.feature_dim}")
+        model.config.backbone = backbone
     model.config.__post_init__()  # validate the values
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     target = WEIGHTS / SHIPPED_NAME

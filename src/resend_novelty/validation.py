@@ -30,7 +30,8 @@ import torch
 
 from .metrics import auroc, fpr_at_tpr
 
-__all__ = ["PROXY_DOMAINS", "ProxySet", "load_proxy_set", "proxy_episodes", "evaluate_proxy"]
+__all__ = ["PROXY_DOMAINS", "ProxySet", "load_proxy_set", "proxy_records", "proxy_episodes",
+           "evaluate_proxy"]
 
 # domain 0 = the photo; domain d > 0 = DomainShiftView(d - 1) with train.STYLE_ORDER
 PROXY_DOMAINS = ("photo", "sketch", "cartoon", "painting")
@@ -71,25 +72,10 @@ def load_proxy_set(data: str, val_classes: int = 30, seed: int = 0, per_class: i
     from .augment import DomainShiftView
     from .backbones import build_backbone
     from .features import extract_features
-    from .train import STYLE_ORDER, TrainConfig, _records, split_validation
+    from .train import STYLE_ORDER
 
-    if renderings not in ("one", "all"):
-        raise ValueError(f"renderings must be 'one' or 'all', got {renderings!r}")
-    records, _ = _records(TrainConfig(data=data, max_per_class=per_class))
-    labels = np.array([r.label for r in records])
-    _, val = split_validation(labels, val_classes, seed)
+    groups, ranks, val = proxy_records(data, val_classes, seed, per_class, renderings)
     bb = build_backbone(backbone) if isinstance(backbone, str) else backbone
-    groups: dict[int, list] = {d: [] for d in range(len(PROXY_DOMAINS))}
-    ranks: dict[int, list] = {d: [] for d in range(len(PROXY_DOMAINS))}
-    rank: dict[int, int] = {}
-    for r in records:  # records are in natural order within each class
-        if r.label not in val:
-            continue
-        i = rank.get(r.label, 0)
-        rank[r.label] = i + 1
-        for d in (range(len(PROXY_DOMAINS)) if renderings == "all" else [i % len(PROXY_DOMAINS)]):
-            groups[d].append(r)
-            ranks[d].append(i)
     feats, labs, doms = [], [], []
     for d, recs in groups.items():
         paths = [r.path for r in recs]
@@ -108,6 +94,34 @@ def load_proxy_set(data: str, val_classes: int = 30, seed: int = 0, per_class: i
     return ProxySet(torch.cat(feats), np.concatenate(labs), np.concatenate(doms), np.asarray(val),
                     np.concatenate([np.asarray(ranks[d], int) for d in groups])
                     if renderings == "all" else None)
+
+
+def proxy_records(data: str, val_classes: int = 30, seed: int = 0, per_class: int = 100,
+                  renderings: str = "one") -> tuple[dict, dict, np.ndarray]:
+    """The proxy's images before any feature: ``(groups, ranks, val)`` with ``groups[d]`` the
+    image records rendered in domain ``d`` (index into :data:`PROXY_DOMAINS`; d > 0 is
+    ``DomainShiftView(d - 1, ..., train.STYLE_ORDER)`` of the image), ``ranks[d]`` their positions
+    in their class (natural file order) and ``val`` the held-out class ids. Arguments as for
+    :func:`load_proxy_set`, which computes the features of exactly these renderings."""
+    from .train import TrainConfig, _records, split_validation
+
+    if renderings not in ("one", "all"):
+        raise ValueError(f"renderings must be 'one' or 'all', got {renderings!r}")
+    records, _ = _records(TrainConfig(data=data, max_per_class=per_class))
+    labels = np.array([r.label for r in records])
+    _, val = split_validation(labels, val_classes, seed)
+    groups: dict[int, list] = {d: [] for d in range(len(PROXY_DOMAINS))}
+    ranks: dict[int, list] = {d: [] for d in range(len(PROXY_DOMAINS))}
+    rank: dict[int, int] = {}
+    for r in records:  # records are in natural order within each class
+        if r.label not in val:
+            continue
+        i = rank.get(r.label, 0)
+        rank[r.label] = i + 1
+        for d in (range(len(PROXY_DOMAINS)) if renderings == "all" else [i % len(PROXY_DOMAINS)]):
+            groups[d].append(r)
+            ranks[d].append(i)
+    return groups, ranks, np.asarray(val)
 
 
 def proxy_episodes(classes: np.ndarray, n_episodes: int = 100, n_known: int = 6,
