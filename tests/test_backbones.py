@@ -164,3 +164,26 @@ def test_fine_tuned_backbones_ship_in_the_package(name, crop):
     assert a.shape == (2, 1280) and torch.isfinite(a).all()
     cos = torch.nn.functional.cosine_similarity(a, b).min()
     assert 0.3 < cos < 0.9999, cos  # moved away from ImageNet, but not to something unrelated
+
+
+def test_shipped_backbone_weights_are_checked_against_their_sha256(tmp_path):
+    import shutil
+    from importlib import resources
+
+    from resend_novelty.checkpoint import CheckpointError
+
+    src = str(resources.files("resend_novelty") / "weights" / "efficientnet_lite0_ft.safetensors")
+    path = str(tmp_path / "w.safetensors")
+    shutil.copy(src, path)
+    shutil.copy(src + ".json", path + ".json")
+    assert backbones._verified(path) == path
+    with open(path, "r+b") as fh:  # one changed byte near the end
+        fh.seek(-3, 2)
+        b = fh.read(1)
+        fh.seek(-3, 2)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        backbones._verified(path)
+    (tmp_path / "w.safetensors.json").unlink()
+    with pytest.raises(CheckpointError, match="checksum file"):
+        backbones._verified(path)

@@ -447,8 +447,16 @@ def main(argv=None) -> int:
             if not src.is_file():
                 raise SystemExit(f"--ship {args.ship}: {src} missing (no epoch beat the frozen "
                                  f"backbone on the proxy)")
-            shutil.copyfile(src, weights / f"{name}_ft.safetensors")
-            log(f"installed {weights / f'{name}_ft.safetensors'}")
+            dst = weights / f"{name}_ft.safetensors"
+            shutil.copyfile(src, dst)
+            from resend_novelty.checkpoint import sha256_file
+
+            (weights / f"{name}_ft.safetensors.json").write_text(json.dumps(
+                {"sha256": sha256_file(dst), "config": args.ship, "seed": args.seed,
+                 "best_epoch": state["best_epoch"][f"{args.ship}|{name}"],
+                 "command": "python tools/finetune_backbones.py --data-root ../shared/data "
+                            f"--ship {args.ship}"}, indent=2) + "\n")
+            log(f"installed {dst} (+ .json with its SHA-256)")
     log("done")
     return 0
 

@@ -83,6 +83,25 @@ def _file_digest(path: str, limit: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+def _verified(path: str) -> str:
+    """``path`` of a weights file shipped in the package, checked against the SHA-256 recorded
+    beside it (``<file>.json``, written by tools/finetune_backbones.py --ship)."""
+    import json
+
+    from .checkpoint import CheckpointError, sha256_file
+
+    info = path + ".json"
+    if not os.path.isfile(path):
+        raise CheckpointError(f"shipped backbone weights missing from the installation: {path}")
+    if not os.path.isfile(info):
+        raise CheckpointError(f"checksum file of the shipped backbone weights is missing: {info}")
+    want = json.loads(open(info).read())["sha256"]
+    if sha256_file(path) != want:
+        raise CheckpointError(f"{path} does not match the SHA-256 recorded in {info}: the file is "
+                              "corrupt or was replaced; reinstall the package")
+    return path
+
+
 class Backbone(nn.Module):
     """Base class: ``forward(images) -> (N, feature_dim)`` pooled features."""
 
@@ -130,7 +149,8 @@ class EfficientNetLite(Backbone):
         if weights is None and pretrained and self.shipped_weights:
             from importlib import resources
 
-            weights = str(resources.files("resend_novelty") / "weights" / self.shipped_weights)
+            weights = _verified(str(resources.files("resend_novelty") / "weights"
+                                    / self.shipped_weights))
         if variant not in self.RESOLUTION:
             raise ValueError(f"EfficientNet-Lite variant must be one of {sorted(self.RESOLUTION)}, "
                              f"got {variant}")
