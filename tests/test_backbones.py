@@ -144,6 +144,14 @@ def test_weights_file_replaces_the_imagenet_weights(tmp_path):
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
         assert torch.allclose(bb(x), src(x), atol=1e-5)
+    # the cache key covers the whole file: a change past the first MiB (e.g. only the last
+    # blocks fine-tuned) gives another namespace, so cached features of the old file are not reused
+    tail = tmp_path / "ft_tail.safetensors"
+    data = bytearray(path.read_bytes())
+    assert len(data) > 2 << 20
+    data[-5] ^= 0x01
+    tail.write_bytes(bytes(data))
+    assert backbones.EfficientNetLite(variant=0, weights=tail).weights_id != bb.weights_id
     # a state dict of another variant is refused, naming the file
     with pytest.raises(RuntimeError, match="does not match"):
         backbones.EfficientNetLite(variant=1, weights=path)

@@ -75,7 +75,8 @@ class Preprocessing:
 
 
 def _file_digest(path: str, limit: int = 1 << 20) -> str:
-    """Short digest of a weights file (size + first MiB) - cheap and changes with the file."""
+    """Short digest of a weights file (size + first ``limit`` bytes; -1 = all) - cheap and changes
+    with the file."""
     h = hashlib.sha256()
     h.update(str(os.path.getsize(path)).encode())
     with open(path, "rb") as fh:
@@ -214,7 +215,8 @@ class EfficientNetLite(Backbone):
                                f"unexpected={unexpected[:3]} wrong shape={sorted(shapes)[:3]} "
                                f"(another variant's weights?)")
         self.load_state_dict(state)
-        self._weights_id = "file-" + _file_digest(path)
+        # the whole file: fine-tuning only the last blocks leaves the first MiB unchanged
+        self._weights_id = "file-" + _file_digest(path, limit=-1)
 
     @property
     def weights_id(self) -> str:
