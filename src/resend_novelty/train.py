@@ -674,7 +674,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=d.backbone,
                    help=f"backbone (default {d.backbone}; efficientnet_lite1, efficientnet_lite2, "
                    "resnet18, or names joined by '+' for concatenated features: the shipped "
-                   "checkpoint uses efficientnet_lite0+efficientnet_lite1)")
+                   "checkpoint was trained on efficientnet_lite0+efficientnet_lite1 and reads "
+                   "the fine-tuned efficientnet_lite0_ft+efficientnet_lite1_ft)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--frozen-backbone", dest="frozen_backbone", action="store_true",
                       default=True, help="train only the relational module on cached features "

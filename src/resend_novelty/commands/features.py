@@ -19,8 +19,9 @@ def add_parser(sub, name):
     p.add_argument("--root", default=None, help="root of the list file's paths")
     p.add_argument("--backbone", default="efficientnet_lite0",
                    help="backbone name (default efficientnet_lite0; efficientnet_lite1, "
-                   "efficientnet_lite2, resnet18, or names joined by '+' for concatenated features, "
-                   "e.g. efficientnet_lite0+efficientnet_lite1, the shipped checkpoint's)")
+                   "efficientnet_lite2, the fine-tuned efficientnet_lite0_ft / efficientnet_lite1_ft, "
+                   "resnet18, or names joined by '+' for concatenated features, e.g. "
+                   "efficientnet_lite0_ft+efficientnet_lite1_ft, the shipped checkpoint's)")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per backbone batch (default 64)")
