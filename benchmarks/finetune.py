@@ -97,17 +97,22 @@ def main(argv=None) -> int:
         "relational model, default scoring": lambda bb, backbone=None: ReSeNDDetector(
             model=model_for(bb), backbone=backbone, progress=False),
     }
+    proxy_sets: dict = {}
+
+    def proxy_set(bb_name):  # loaded once per backbone, only if a number must be measured
+        if bb_name not in proxy_sets:
+            proxy_sets[bb_name] = load_proxy_set(
+                str(Path(args.data_root) / "tiny_imagenet_200" / "train"), 30, 0,
+                backbone=build_backbone(bb_name))
+        return proxy_sets[bb_name]
+
     proxy: dict = {}
     for bb_name in (() if args.pacs_only else (FROZEN, TUNED)):
-        ps = None
         for rule, make in rules.items():
             for seed, n in ((0, 50), (1, 200)):
                 def run(bb_name=bb_name, make=make, seed=seed, n=n):
-                    nonlocal ps
-                    if ps is None:
-                        ps = load_proxy_set(str(Path(args.data_root) / "tiny_imagenet_200" / "train"),
-                                            30, 0, backbone=build_backbone(bb_name))
-                    r = evaluate_proxy(lambda: make(bb_name), ps, n_episodes=n, seed=seed)
+                    r = evaluate_proxy(lambda: make(bb_name), proxy_set(bb_name), n_episodes=n,
+                                       seed=seed)
                     return [r["multi"]["avg"]["auroc"], r["single"]["avg"]["auroc"]]
 
                 proxy[(bb_name, rule, seed)] = measured(f"proxy|{bb_name}|{rule}|{seed}|{n}", run)
@@ -121,10 +126,8 @@ def main(argv=None) -> int:
     for bb_name in (() if args.pacs_only else (FROZEN, TUNED)):
         for rule in ("cosine", "cosine-standardized"):
             def run(bb_name=bb_name, rule=rule):
-                ps = load_proxy_set(str(Path(args.data_root) / "tiny_imagenet_200" / "train"),
-                                    30, 0, backbone=build_backbone(bb_name), progress=False)
-                r = evaluate_proxy(lambda: build_detector(rule, backbone=None, progress=False), ps,
-                                   n_episodes=50, settings=("in-domain",))
+                r = evaluate_proxy(lambda: build_detector(rule, backbone=None, progress=False),
+                                   proxy_set(bb_name), n_episodes=50, settings=("in-domain",))
                 return r["in-domain"]["avg"]["auroc"]
 
             in_domain[(bb_name, rule)] = measured(f"in-domain|{bb_name}|{rule}", run)

@@ -63,18 +63,21 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- backbones
+def _fp16(state: dict) -> dict:
+    return {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in state.items()}
+
+
 def export_imagenet(out: Path, names) -> None:
-    """ImageNet weights of each backbone, classifier dropped, as fp16 safetensors."""
+    """ImageNet weights of each backbone (its state dict, classifier removed) as fp16
+    safetensors, loadable with ``EfficientNetLite(weights=...)``."""
     from safetensors.torch import save_file
 
     from resend_novelty.backbones import build_backbone
 
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        bb = build_backbone(name)
-        sd = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
-              for k, v in bb.net.state_dict().items()}
-        save_file(sd, str(out / f"{name}.safetensors"), metadata={"weights_id": bb.weights_id})
+        save_file(_fp16(build_backbone(name).state_dict()), str(out / f"{name}.safetensors"))
         log(f"wrote {out / f'{name}.safetensors'}")
 
 
@@ -82,18 +85,14 @@ def load_backbone(name: str, imagenet_dir: str | None):
     from resend_novelty.backbones import EfficientNetLite, build_backbone
 
     if imagenet_dir is None:
-        return build_backbone(name)
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(imagenet_dir) / f"{name}.safetensors"
-    if not path.is_file():
-        raise SystemExit(f"{path}: no such file (write it with --export-imagenet {imagenet_dir})")
-    bb = EfficientNetLite(pretrained=False, variant=VARIANTS[name])
+        bb = build_backbone(name)
+    else:
+        path = Path(imagenet_dir) / f"{name}.safetensors"
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such file (write it with --export-imagenet "
+                             f"{imagenet_dir})")
+        bb = EfficientNetLite(variant=VARIANTS[name], weights=path)
     assert bb.preprocessing.mean == (0.5,) * 3 and bb.preprocessing.std == (0.5,) * 3  # to_input
-    bb.net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
-    with safe_open(str(path), "pt") as fh:
-        bb._weights_id = (fh.metadata() or {}).get("weights_id", "exported")
     return bb
 
 
@@ -228,8 +227,9 @@ def cosine_std():
 
 # ----------------------------------------------------------------------------- training
 def finetune(bb, lam: float, clean_loader, paths, labels, args, device,
-             proxy_x, proxy_eval, record) -> tuple[dict, torch.Tensor, int]:
-    """Fine-tune ``bb`` in place; returns (best state dict, best proxy features, best epoch)."""
+             proxy_x, proxy_eval, record) -> tuple[dict, torch.Tensor, int, torch.Tensor]:
+    """Fine-tune ``bb`` in place; returns (best state dict, best proxy features, best epoch,
+    proxy features of the frozen starting point)."""
     teacher = copy.deepcopy(bb).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -258,7 +258,7 @@ def finetune(bb, lam: float, clean_loader, paths, labels, args, device,
     best = (proxy_eval(pf), 0)
     record(0, best[0], 0.0, None)
     best_state = {k: v.detach().cpu().clone() for k, v in bb.state_dict().items()}
-    best_feats = pf
+    best_feats = frozen_feats = pf
     bb = bb.to(memory_format=torch.channels_last)
     for epoch in range(1, args.epochs + 1):
         if time.monotonic() > args.deadline:
@@ -293,7 +293,7 @@ def finetune(bb, lam: float, clean_loader, paths, labels, args, device,
             best = (score, epoch)
             best_state = {k: v.detach().cpu().clone() for k, v in bb.state_dict().items()}
             best_feats = pf
-    return best_state, best_feats, best[1]
+    return best_state, best_feats, best[1], frozen_feats
 
 
 def main(argv=None) -> int:
@@ -398,18 +398,13 @@ def main(argv=None) -> int:
                 log(f"{cfg_name} {name} epoch {epoch}: proxy multi {score['multi']:.4f} single "
                     f"{score['single']:.4f} mean {score['mean']:.4f} ({secs:.0f} s, loss {loss})")
 
-            best_state, best_feats, best_epoch = finetune(
+            best_state, best_feats, best_epoch, frozen[name] = finetune(
                 bb, CONFIGS[cfg_name], clean, paths, tlabels, args, device, proxy_x, proxy_eval,
                 record)
-            if name not in frozen:
-                frozen[name] = features(load_backbone(name, args.imagenet_dir).to(device), proxy_x,
-                                        device)
             members[(cfg_name, name)] = best_feats
             state.setdefault("best_epoch", {})[f"{cfg_name}|{name}"] = best_epoch
             if best_epoch > 0:
-                sd = {k: v.to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
-                      for k, v in best_state.items()}
-                save_file(sd, str(out / f"{cfg_name}-{name}.safetensors"),
+                save_file(_fp16(best_state), str(out / f"{cfg_name}-{name}.safetensors"),
                           metadata={"config": cfg_name, "epoch": str(best_epoch),
                                     "seed": str(args.seed)})
             save_log()

@@ -87,19 +87,11 @@ def _file_digest(path: str, limit: int = 1 << 20) -> str:
 def _verified(path: str) -> str:
     """``path`` of a weights file shipped in the package, checked against the SHA-256 recorded
     beside it (``<file>.json``, written by tools/finetune_backbones.py --ship)."""
-    import json
+    from .checkpoint import CheckpointError, verify_recorded_sha256
 
-    from .checkpoint import CheckpointError, sha256_file
-
-    info = path + ".json"
     if not os.path.isfile(path):
         raise CheckpointError(f"shipped backbone weights missing from the installation: {path}")
-    if not os.path.isfile(info):
-        raise CheckpointError(f"checksum file of the shipped backbone weights is missing: {info}")
-    want = json.loads(open(info).read())["sha256"]
-    if sha256_file(path) != want:
-        raise CheckpointError(f"{path} does not match the SHA-256 recorded in {info}: the file is "
-                              "corrupt or was replaced; reinstall the package")
+    verify_recorded_sha256(path, "shipped backbone weights")
     return path
 
 
@@ -171,11 +163,7 @@ class EfficientNetLite(Backbone):
             ) from exc
         self.net = EfficientNet.from_name(f"efficientnet-lite{variant}")
         self._weights_id = "random-init"
-        if weights is not None:  # a full state dict (e.g. fine-tuned): no ImageNet package needed
-            self.net._fc = nn.Identity()
-            self.net._dropout = nn.Identity()
-            self._load_weights_file(str(weights))
-        elif pretrained:
+        if pretrained and weights is None:
             import importlib
 
             try:
@@ -198,6 +186,8 @@ class EfficientNetLite(Backbone):
         # classifier removed: only the convolutional trunk is used
         self.net._fc = nn.Identity()
         self.net._dropout = nn.Identity()
+        if weights is not None:  # a state dict of this module (e.g. fine-tuned): no ImageNet package
+            self._load_weights_file(str(weights))
 
     def _load_weights_file(self, path: str) -> None:
         """Load a safetensors state dict of this module (``net.*`` keys, classifier removed)."""
@@ -205,15 +195,13 @@ class EfficientNetLite(Backbone):
             raise FileNotFoundError(f"{self.name}: weights file {path} not found")
         from safetensors.torch import load_file
 
+        from .checkpoint import state_mismatch
+
         state = {k: v.float() for k, v in load_file(path).items()}
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
-        if missing or unexpected or shapes:
-            raise RuntimeError(f"{path} does not match {self.name}: missing={missing[:3]} "
-                               f"unexpected={unexpected[:3]} wrong shape={sorted(shapes)[:3]} "
-                               f"(another variant's weights?)")
+        mismatch = state_mismatch({k: v.shape for k, v in self.state_dict().items()}, state)
+        if mismatch:
+            raise RuntimeError(f"{path} does not match {self.name} (another variant's "
+                               f"weights?): {mismatch}")
         self.load_state_dict(state)
         # the whole file: fine-tuning only the last blocks leaves the first MiB unchanged
         self._weights_id = "file-" + _file_digest(path, limit=-1)

@@ -102,38 +102,53 @@ def load_checkpoint(
     with safe_open(path, framework="pt", device=str(map_location)) as fh:
         for key in fh.keys():
             tensors[key] = fh.get_tensor(key)
+    mismatch = state_mismatch(expected, tensors)
+    if mismatch:
+        raise CheckpointError(f"{path} does not match its config: {mismatch}")
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    return model.eval()
+
+
+def state_mismatch(expected: dict, tensors: dict, limit: int = 5) -> str | None:
+    """How the ``tensors`` of a file differ from a module's ``expected`` ``{key: shape}``: missing
+    keys, unexpected keys and shape mismatches (at most ``limit`` of each named); None if none."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     shapes = [
-        f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}"
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k])}"
         for k in sorted(set(expected) & set(tensors))
-        if tuple(tensors[k].shape) != expected[k]
+        if tuple(tensors[k].shape) != tuple(expected[k])
     ]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{path} does not match its config: missing keys {missing}, unexpected keys "
-            f"{unexpected}, shape mismatches {shapes}"
-        )
-    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-    return model.eval()
+    if not (missing or unexpected or shapes):
+        return None
+
+    def few(xs):
+        return str(xs[:limit]) + (f" (+{len(xs) - limit} more)" if len(xs) > limit else "")
+
+    return (f"missing keys {few(missing)}, unexpected keys {few(unexpected)}, "
+            f"shape mismatches {few(shapes)}")
+
+
+def verify_recorded_sha256(path: str | os.PathLike, what: str) -> None:
+    """Check a file shipped in the package against the SHA-256 recorded in ``<path>.json``."""
+    info = Path(str(path) + ".json")
+    if not info.is_file():
+        raise CheckpointError(f"checksum file of the {what} is missing: {info}")
+    want = json.loads(info.read_text())["sha256"]
+    got = sha256_file(path)
+    if got != want:
+        raise CheckpointError(f"{what} {path} is corrupt: sha256 {got} != recorded {want} "
+                              f"(SHA-256 recorded in {info}); reinstall the package")
 
 
 def default_checkpoint_path(verify: bool = True) -> Path:
     """Path of the checkpoint shipped in the package, checked against its recorded SHA-256."""
     weights = resources.files("resend_novelty") / "weights"
     path = Path(str(weights / SHIPPED_NAME))
-    info = Path(str(weights / (SHIPPED_NAME + ".json")))
     if not path.is_file():
         raise CheckpointError(
             f"the shipped checkpoint is missing from the installation ({path}); pass --model"
         )
     if verify:
-        if not info.is_file():
-            raise CheckpointError(f"checksum file of the shipped checkpoint is missing: {info}")
-        want = json.loads(info.read_text())["sha256"]
-        got = sha256_file(path)
-        if got != want:
-            raise CheckpointError(
-                f"shipped checkpoint {path} is corrupt: sha256 {got} != recorded {want}"
-            )
+        verify_recorded_sha256(path, "shipped checkpoint")
     return path
