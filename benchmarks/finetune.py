@@ -63,10 +63,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
 
-    from resend_novelty.backbones import build_backbone
-    from resend_novelty.checkpoint import load_checkpoint
-    from resend_novelty.detectors import ReSeNDDetector, build_detector
-    from resend_novelty.validation import evaluate_proxy, load_proxy_set
+    from resend_novelty.backbones.base import build_backbone
+    from resend_novelty.models.checkpoint import load_checkpoint
+    from resend_novelty.detectors.base import ReSeNDDetector, build_detector
+    from resend_novelty.evaluation.proxy import evaluate_proxy, load_proxy_set
 
     t_all = time.perf_counter()
     log = json.loads(Path(args.log).read_text())
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         "(`tools/finetune_backbones.py`; the 30 classes held out for the proxy are never trained "
         f"on; {a['per_class']} images per training class). Recipe, fixed before any number "
         "(below): every training image rendered at random as a photo or one of the "
-        "domain-shift styles of `resend_novelty.augment` (sketch, cartoon, painting, grayscale, "
+        "domain-shift styles of `resend_novelty.data.augment` (sketch, cartoon, painting, grayscale, "
         "colour, low resolution), random resized crop (scale 0.5-1) and flip; loss = cosine "
         f"classifier cross-entropy (scale {a['scale']:g}, initialised at the class means of the "
         "frozen features) + 1 x the relative squared distance to the frozen ImageNet features of "
@@ -283,8 +283,8 @@ def main(argv=None) -> int:
 
 
 def _pacs(args, rules, measured) -> dict:
-    from resend_novelty.backbones import build_backbone
-    from resend_novelty.benchmark import run_benchmark
+    from resend_novelty.backbones.base import build_backbone
+    from resend_novelty.evaluation.settings import run_benchmark
 
     pacs = {}
     for bb_name in (FROZEN, TUNED):

@@ -33,10 +33,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
 
-    from resend_novelty.backbones import build_backbone
-    from resend_novelty.benchmark import get_setting, run_benchmark
-    from resend_novelty.checkpoint import load_checkpoint
-    from resend_novelty.detectors import build_detector
+    from resend_novelty.backbones.base import build_backbone
+    from resend_novelty.evaluation.settings import get_setting, run_benchmark
+    from resend_novelty.models.checkpoint import load_checkpoint
+    from resend_novelty.detectors.base import build_detector
 
     model = load_checkpoint(args.model) if "resend" in args.methods else None
     rows = []  # (label, method, backbone)

@@ -10,7 +10,7 @@ regenerates every table (sections ``paper-table2``, ``paper-table3``, ``paper-ta
   be loaded - otherwise the row says why).
 - **Table 3** - fine-tuning based OOD detectors with the paper's budget rule (head-only
   fine-tuning on cached features for the time ReSeND takes on the same target: see
-  ``resend_novelty.baselines``), and Mahalanobis / Gram without fine-tuning.
+  ``resend_novelty.detectors.baselines``), and Mahalanobis / Gram without fine-tuning.
 - **Table 5** - the relational module against hand-designed aggregations (Max, Sum, Concat + MLP
   of similar size), all trained with the same recipe and data.
 - **Fig. 5** - MSE vs BCE pretraining loss.
@@ -79,8 +79,8 @@ def recipe(chosen_file: Path, shipped_file: Path | None = None) -> tuple[str, di
 def train_variant(name: str, overrides: dict, arch: str, loss: str, data_root: Path, out: Path,
                   quiet: bool) -> dict:
     """Train (or reuse) one relational model; returns {"path", "val", "seconds", "params"}."""
-    from resend_novelty.checkpoint import load_checkpoint
-    from resend_novelty.train import TrainConfig, train
+    from resend_novelty.models.checkpoint import load_checkpoint
+    from resend_novelty.training.loop import TrainConfig, train
 
     import hashlib
 
@@ -115,8 +115,8 @@ def train_variant(name: str, overrides: dict, arch: str, loss: str, data_root: P
 def evaluate(method: str, setting: str, data_root, *, backbone=None, model=None,
              max_per_class: int | None = None, **kw) -> dict:
     """run_benchmark for one method; adds wall time and the per-target fine-tuning info."""
-    from resend_novelty.benchmark import run_benchmark
-    from resend_novelty.detectors import build_detector
+    from resend_novelty.evaluation.settings import run_benchmark
+    from resend_novelty.detectors.base import build_detector
 
     dets = []
 
@@ -142,7 +142,7 @@ def table(rows: list[tuple[str, dict | str, str]], setting: str, paper_col: str,
           extra_head: str = "", official: bool = True) -> list[str]:
     """rows: (label, result or reason-not-run, extra cell); ``official=False``: a subset (no
     paper numbers)."""
-    from resend_novelty.benchmark import get_setting
+    from resend_novelty.evaluation.settings import get_setting
 
     s = get_setting(setting)
     targets = [t.name for t in s.targets]
@@ -204,8 +204,8 @@ def main(argv=None) -> int:
         " --skip-gram" if args.skip_gram else "") + (
         f" --gram-max-per-class {args.gram_max_per_class}" if args.gram_max_per_class else "")
 
-    from resend_novelty.backbones import build_backbone
-    from resend_novelty.checkpoint import CheckpointError, default_checkpoint_path, load_checkpoint
+    from resend_novelty.backbones.base import build_backbone
+    from resend_novelty.models.checkpoint import CheckpointError, default_checkpoint_path, load_checkpoint
 
     data_root = Path(args.data_root)
     out = Path(args.out)
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
                  "`transformer` = ReSeND's relational module; `max` / `sum` / `concat` = the two "
                  "projected tokens aggregated element-wise (max, sum) or concatenated, then an MLP "
                  "(depth = number of transformer blocks, width chosen for a similar parameter "
-                 "count; `resend_novelty.ablation_models`). Same projection, scoring, training "
+                 "count; `resend_novelty.models.aggregation`). Same projection, scoring, training "
                  "pipeline and data for all. " + recipe_txt + " Last column: validation AUROC / "
                  "parameters / training wall time (the machine is shared: training times vary "
                  "with its load). Paper numbers: see paper Table 5.", ""]

@@ -76,7 +76,7 @@ CONFIGS = {
     "centered + cosine skip + views + proto (8) + drop 0.5": cfg(
         style_views=24, partner_set=8,
         model={"cosine_skip": True, "center_features": True, "input_dropout": 0.5}),
-    # session 2: checkpoint chosen on the synthetic domain-shift episodes (resend_novelty.validation)
+    # session 2: checkpoint chosen on the synthetic domain-shift episodes (resend_novelty.evaluation.proxy)
     "centered + cosine skip + views, proxy val": cfg(
         style_views=24, val_protocol="proxy", model={"cosine_skip": True, "center_features": True}),
     "standardized + cosine skip + views, proxy val": cfg(
@@ -118,10 +118,10 @@ CONFIGS = {
 
 
 def evaluate_pacs(model_path: str, data_root: str) -> dict:
-    from resend_novelty.backbones import build_backbone
-    from resend_novelty.benchmark import run_benchmark
-    from resend_novelty.checkpoint import load_checkpoint
-    from resend_novelty.detectors import ReSeNDDetector
+    from resend_novelty.backbones.base import build_backbone
+    from resend_novelty.evaluation.settings import run_benchmark
+    from resend_novelty.models.checkpoint import load_checkpoint
+    from resend_novelty.detectors.base import ReSeNDDetector
 
     model = load_checkpoint(model_path)
     bb = build_backbone(model.config.backbone)
@@ -139,8 +139,8 @@ def common_validation(run_dir: str, data_root: str, _cache={}) -> float:
     classes with their stylised views (mean of in-domain and cross-domain AUROC)."""
     import numpy as np  # noqa: F401
 
-    from resend_novelty.checkpoint import load_checkpoint
-    from resend_novelty.train import (TrainConfig, load_reference_features, split_validation,
+    from resend_novelty.models.checkpoint import load_checkpoint
+    from resend_novelty.training.loop import (TrainConfig, load_reference_features, split_validation,
                                       validation_auroc)
 
     m = load_checkpoint(Path(run_dir) / "best.safetensors")
@@ -164,11 +164,11 @@ PROXY_ALSO = ("centered + cosine skip + views",)
 
 def proxy_score(run_dir, data_root: str, _cache={}) -> dict:
     """The best checkpoint on the synthetic domain-shift episodes of held-out Tiny-ImageNet classes
-    (resend_novelty.validation, PROXY_EPISODES episodes): multi/single average AUROC and their mean - the
+    (resend_novelty.evaluation.proxy, PROXY_EPISODES episodes): multi/single average AUROC and their mean - the
     selection criterion of session 2 (PACS never used)."""
-    from resend_novelty.checkpoint import load_checkpoint
-    from resend_novelty.detectors import ReSeNDDetector
-    from resend_novelty.validation import evaluate_proxy, load_proxy_set
+    from resend_novelty.models.checkpoint import load_checkpoint
+    from resend_novelty.detectors.base import ReSeNDDetector
+    from resend_novelty.evaluation.proxy import evaluate_proxy, load_proxy_set
 
     m = load_checkpoint(Path(run_dir) / "best.safetensors")
     key = m.config.backbone  # features of the backbone the run was trained on
@@ -198,7 +198,7 @@ def table(rows: list[dict], command: str) -> str:
         "the default `resend benchmark` scoring (max softmax of the relational logits), best checkpoint.",
         "",
         "**proxy** = the best checkpoint on the synthetic domain-shift episodes of the held-out",
-        "classes (`resend_novelty.validation`: photo/sketch/cartoon/painting renderings, 6 known + 1",
+        "classes (`resend_novelty.evaluation.proxy`: photo/sketch/cartoon/painting renderings, 6 known + 1",
         f"unknown class per episode, {PROXY_EPISODES} episodes; multi-source / single-source average",
         "AUROC with the max-softmax normality, and with max-logit): the selection criterion since",
         "session 2.",
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = p.parse_args(argv)
 
-    from resend_novelty.train import TrainConfig, train
+    from resend_novelty.training.loop import TrainConfig, train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

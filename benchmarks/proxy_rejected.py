@@ -43,8 +43,8 @@ from _report import machine, update_section  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from resend_novelty import domain_norm  # noqa: E402
-from resend_novelty.detectors import StandardizedCosineDetector  # noqa: E402
+from resend_novelty.transforms import domain_norm  # noqa: E402
+from resend_novelty.detectors.base import StandardizedCosineDetector  # noqa: E402
 
 MARGIN = 0.002
 
@@ -134,10 +134,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
 
-    import resend_novelty.detectors as detectors_module
-    from resend_novelty.backbones import build_backbone
-    from resend_novelty.benchmark import run_benchmark
-    from resend_novelty.validation import evaluate_proxy, load_proxy_set
+    import resend_novelty.detectors.base as detectors_module
+    from resend_novelty.backbones.base import build_backbone
+    from resend_novelty.evaluation.settings import run_benchmark
+    from resend_novelty.evaluation.proxy import evaluate_proxy, load_proxy_set
 
     t_all = time.perf_counter()
     ps = load_proxy_set(str(Path(args.data_root) / "tiny_imagenet_200" / "train"), 30, 0)

@@ -1,6 +1,6 @@
 """Scoring rules on the synthetic proxy (selection) and on PACS (test), side by side (issue 4).
 
-The proxy (``resend_novelty.validation``) renders 30 held-out Tiny-ImageNet classes as photo,
+The proxy (``resend_novelty.evaluation.proxy``) renders 30 held-out Tiny-ImageNet classes as photo,
 sketch, cartoon and painting and runs PACS-like episodes (6 known + 1 unknown class; multi-source:
 support in three domains, test in the fourth; single-source: photo support). It is the only
 number used to choose a scoring rule or a checkpoint; the PACS columns are the test.
@@ -66,11 +66,11 @@ def main(argv=None) -> int:
     if args.ratios:
         return ratios(args)
 
-    from resend_novelty.backbones import build_backbone
-    from resend_novelty.benchmark import run_benchmark
-    from resend_novelty.checkpoint import load_checkpoint
-    from resend_novelty.detectors import build_detector
-    from resend_novelty.validation import evaluate_proxy, load_proxy_set
+    from resend_novelty.backbones.base import build_backbone
+    from resend_novelty.evaluation.settings import run_benchmark
+    from resend_novelty.models.checkpoint import load_checkpoint
+    from resend_novelty.detectors.base import build_detector
+    from resend_novelty.evaluation.proxy import evaluate_proxy, load_proxy_set
 
     t_all = time.perf_counter()
     ps = load_proxy_set(str(Path(args.data_root) / "tiny_imagenet_200" / "train"), 30, 0,
@@ -101,13 +101,13 @@ def main(argv=None) -> int:
         "## Scoring rules: proxy (selection) vs PACS (test)",
         "",
     ]) + [
-        "**proxy** = `resend_novelty.validation`: 30 Tiny-ImageNet classes held out of pretraining, "
+        "**proxy** = `resend_novelty.evaluation.proxy`: 30 Tiny-ImageNet classes held out of pretraining, "
         "each image rendered in one of photo / sketch / cartoon / painting, PACS-like episodes "
         f"(6 known + 1 unknown class, {args.episodes} episodes), average AUROC over the target "
         "domains. Only the proxy is used to choose; PACS (default `resend benchmark` protocol; "
         "multi-source supports normalised per source domain where a rule normalises) is the test. "
         "Centred / standardised = transductive per-domain normalisation "
-        "(`resend_novelty.domain_norm`).",
+        "(`resend_novelty.transforms.domain_norm`).",
         "",
         "| rule | proxy multi | proxy single | proxy mean | PACS multi AUROC / FPR95 | PACS single AUROC / FPR95 |",
         "|---|---|---|---|---|---|",
@@ -140,8 +140,8 @@ def main(argv=None) -> int:
 
 
 def ratios(args) -> int:
-    from resend_novelty.detectors import build_detector
-    from resend_novelty.validation import evaluate_proxy, load_proxy_set
+    from resend_novelty.detectors.base import build_detector
+    from resend_novelty.evaluation.proxy import evaluate_proxy, load_proxy_set
 
     t_all = time.perf_counter()
     ps = load_proxy_set(str(Path(args.data_root) / "tiny_imagenet_200" / "train"), 30, 0)

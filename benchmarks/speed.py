@@ -217,9 +217,9 @@ def part_a(device: torch.device, n_test: int = 2048, n_protos: int = 6, loop_n: 
 
     ``model``: a RelationalModule to time instead of a fresh default one (``config``).
     """
-    import resend_novelty.model as model_module
-    from resend_novelty.detectors import ReSeNDDetector
-    from resend_novelty.model import RelationalConfig, RelationalModule
+    import resend_novelty.models.relational as model_module
+    from resend_novelty.detectors.base import ReSeNDDetector
+    from resend_novelty.models.relational import RelationalConfig, RelationalModule
 
     short_attention = model_module._short_attention
     torch.manual_seed(seed)
@@ -364,7 +364,7 @@ def format_a(res: dict, device: torch.device) -> str:
 
 # --------------------------------------------------------------------------- part b
 def pacs_subset(data_root: Path, n: int) -> list[str]:
-    from resend_novelty.data import list_images
+    from resend_novelty.data.images import list_images
 
     paths = list_images(Path(data_root) / "pacs")
     idx = np.linspace(0, len(paths) - 1, num=min(n, len(paths))).round().astype(int)
@@ -373,9 +373,9 @@ def pacs_subset(data_root: Path, n: int) -> list[str]:
 
 def part_b(device: torch.device, paths: list[str], batch_size: int = 64,
            workers: int | None = None, backbone_only_n: int = 128) -> dict:
-    from resend_novelty.backbones import build_backbone
-    from resend_novelty.data import load_image
-    from resend_novelty.features import extract_features
+    from resend_novelty.backbones.base import build_backbone
+    from resend_novelty.data.images import load_image
+    from resend_novelty.features.extract import extract_features
 
     bb = build_backbone("efficientnet_lite0")
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
@@ -440,7 +440,7 @@ def _num(v: float) -> str:
 
 
 def _train_timed(cfg_kw: dict, out_dir: Path, device: torch.device) -> dict:
-    from resend_novelty.train import TrainConfig, train
+    from resend_novelty.training.loop import TrainConfig, train
 
     common = dict(val_every=0, val_classes=0, checkpoint_every=10**9, workers=0,
                   device=str(device))
@@ -502,7 +502,7 @@ def part_c(device: torch.device, data_root: Path | None, tmp: Path, steps: int =
 def format_c(r: dict, device: torch.device) -> str:
     gpu = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
     lines = [
-        f"`resend_novelty.train.train`, default `RelationalConfig` (dim 256, depth 4), MSE loss, "
+        f"`resend_novelty.training.loop.train`, default `RelationalConfig` (dim 256, depth 4), MSE loss, "
         f"device {device.type}" + (" with bf16 autocast" if device.type == "cuda" else ", fp32")
         + ". Pairs/s = the trainer's own rate over the timed run (after a separate 1-step "
         "warm-up run; includes the final checkpoint write).",
@@ -559,9 +559,9 @@ def features_file_lookup(path: str | Path):
 
 
 def _cache_coverage(data_root: Path, backbone: str) -> tuple[int, int]:
-    from resend_novelty.backbones import build_backbone
-    from resend_novelty.benchmark import load_setting_lists
-    from resend_novelty.cache import FeatureCache, image_key
+    from resend_novelty.backbones.base import build_backbone
+    from resend_novelty.evaluation.settings import load_setting_lists
+    from resend_novelty.features.cache import FeatureCache, image_key
 
     paths = set()
     for name in ("pacs-multi", "pacs-single"):
@@ -579,11 +579,11 @@ def part_d(device: torch.device, data_root: Path, tmp: Path, cold: bool = False,
            features_file: str | None = None, max_per_class: int | None = None,
            progress: bool = True, chunk_pairs: int | None = None,
            model_path: str | None = None) -> dict:
-    from resend_novelty.backbones import build_backbone
-    from resend_novelty.benchmark import get_setting, run_benchmark
-    from resend_novelty.checkpoint import CheckpointError, default_checkpoint_path, load_checkpoint, save_checkpoint
-    from resend_novelty.detectors import build_detector
-    from resend_novelty.model import RelationalConfig, RelationalModule
+    from resend_novelty.backbones.base import build_backbone
+    from resend_novelty.evaluation.settings import get_setting, run_benchmark
+    from resend_novelty.models.checkpoint import CheckpointError, default_checkpoint_path, load_checkpoint, save_checkpoint
+    from resend_novelty.detectors.base import build_detector
+    from resend_novelty.models.relational import RelationalConfig, RelationalModule
 
     try:
         if model_path:
@@ -826,20 +826,20 @@ def main(argv=None) -> int:
                         tc.append(1)
                 a_model = None
                 if args.a_model == "shipped":
-                    from resend_novelty.checkpoint import load_checkpoint
+                    from resend_novelty.models.checkpoint import load_checkpoint
 
                     a_model = load_checkpoint(None)
                 res = part_a(device, args.n_test, args.n_protos, args.loop_n, tuple(tc),
                              args.chunk_pairs, model=a_model)
                 if a_model is not None:
-                    from resend_novelty.checkpoint import SHIPPED_NAME
+                    from resend_novelty.models.checkpoint import SHIPPED_NAME
 
                     res["model_note"] = (f"the shipped checkpoint `{SHIPPED_NAME}` (what "
                                          "`--method resend` uses)")
                 md = format_a(res, device)
                 results["a"] = {k: v for k, v in res.items() if not k.endswith("_scores")}
             elif part == "b":
-                from resend_novelty.data import list_images
+                from resend_novelty.data.images import list_images
 
                 paths = list_images(args.images) if args.images else pacs_subset(data_root, args.n_images)
                 res = part_b(device, paths, args.batch_size, args.workers)

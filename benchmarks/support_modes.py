@@ -41,7 +41,7 @@ from _report import machine, update_section  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from resend_novelty.detectors import ReSeNDDetector  # noqa: E402
+from resend_novelty.detectors.base import ReSeNDDetector  # noqa: E402
 
 MARGIN = 0.002
 
@@ -111,10 +111,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
 
-    from resend_novelty.backbones import build_backbone
-    from resend_novelty.benchmark import run_benchmark
-    from resend_novelty.checkpoint import load_checkpoint
-    from resend_novelty.validation import evaluate_proxy, load_proxy_set
+    from resend_novelty.backbones.base import build_backbone
+    from resend_novelty.evaluation.settings import run_benchmark
+    from resend_novelty.models.checkpoint import load_checkpoint
+    from resend_novelty.evaluation.proxy import evaluate_proxy, load_proxy_set
 
     t_all = time.perf_counter()
     model = load_checkpoint(args.model)

@@ -47,7 +47,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def tiny_backbone():
     """A tiny random CNN backbone (fast on CPU) with the Backbone interface."""
-    from resend_novelty.backbones import Backbone, Preprocessing
+    from resend_novelty.backbones.base import Backbone, Preprocessing
 
     class Tiny(Backbone):
         name = "tiny_test_cnn"

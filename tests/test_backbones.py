@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from resend_novelty import backbones
+from resend_novelty.backbones import base as backbones
 
 
 @pytest.mark.parametrize("name,crop,resize", [("efficientnet_lite0", 224, 256),
@@ -44,7 +44,7 @@ def test_missing_weights_package_names_the_pip_command(monkeypatch):
 # --------------------------------------------------------------------------- ensembles
 def _tiny_pair(tiny_backbone):
     """Two different tiny backbones: the fixture's and one with another name, size and crop."""
-    from resend_novelty.backbones import Backbone, Preprocessing
+    from resend_novelty.backbones.base import Backbone, Preprocessing
 
     class Other(Backbone):
         name = "tiny_other_cnn"
@@ -68,7 +68,7 @@ def _images(class_folders):
 
 def test_ensemble_concatenates_its_members_features_from_their_own_caches(class_folders,
                                                                           tiny_backbone):
-    from resend_novelty.features import extract_features
+    from resend_novelty.features.extract import extract_features
 
     a, b = _tiny_pair(tiny_backbone)
     ens = backbones.BackboneEnsemble([a, b])
@@ -84,8 +84,8 @@ def test_ensemble_concatenates_its_members_features_from_their_own_caches(class_
 
 def test_ensemble_rebuilds_stylised_views_on_each_members_preprocessing(class_folders,
                                                                         tiny_backbone):
-    from resend_novelty.augment import DomainShiftView
-    from resend_novelty.features import extract_features
+    from resend_novelty.data.augment import DomainShiftView
+    from resend_novelty.features.extract import extract_features
 
     a, b = _tiny_pair(tiny_backbone)
     ens = backbones.BackboneEnsemble([a, b])
@@ -178,7 +178,7 @@ def test_shipped_backbone_weights_are_checked_against_their_sha256(tmp_path):
     import shutil
     from importlib import resources
 
-    from resend_novelty.checkpoint import CheckpointError
+    from resend_novelty.models.checkpoint import CheckpointError
 
     src = str(resources.files("resend_novelty") / "weights" / "efficientnet_lite0_ft.safetensors")
     path = str(tmp_path / "w.safetensors")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from resend_novelty.baselines import (
+from resend_novelty.detectors.baselines import (
     BASELINES,
     FT_METHODS,
     GramDetector,
@@ -21,11 +21,11 @@ from resend_novelty.baselines import (
     gram_statistics,
     train_head,
 )
-from resend_novelty.checkpoint import load_checkpoint, save_checkpoint
-from resend_novelty.cli import main
-from resend_novelty.detectors import DETECTORS, ReSeNDDetector, build_detector
-from resend_novelty.metrics import auroc
-from resend_novelty.model import ARCHS, RelationalConfig, RelationalModule, build_relational
+from resend_novelty.models.checkpoint import load_checkpoint, save_checkpoint
+from resend_novelty.cli.main import main
+from resend_novelty.detectors.base import DETECTORS, ReSeNDDetector, build_detector
+from resend_novelty.evaluation.metrics import auroc
+from resend_novelty.models.relational import ARCHS, RelationalConfig, RelationalModule, build_relational
 
 K, D = 4, 24
 
@@ -201,7 +201,7 @@ def test_fine_tuned_detectors(method, clusters):
 
 def test_benchmark_path_uses_each_detectors_own_score(clusters, tmp_path, tiny_backbone):
     """run_benchmark may take score and class from one call: it must equal score_features."""
-    from resend_novelty.benchmark import Setting, Target, run_benchmark
+    from resend_novelty.evaluation.settings import Setting, Target, run_benchmark
 
     support, s_lab, test, t_lab, _ = clusters
     names = ["knn", "mahalanobis", "ft-msp", "ft-energy", "ft-odin", "ft-gradnorm",
@@ -405,7 +405,7 @@ def test_config_arch_default_and_validation():
 
 @pytest.mark.parametrize("arch,loss", [("concat", "mse"), ("max", "bce")])
 def test_ablation_trains_with_the_same_pipeline(arch, loss, tmp_path):
-    from resend_novelty.train import TrainConfig, train
+    from resend_novelty.training.loop import TrainConfig, train
 
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(8, D, generator=g) * 2

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import DATA_ROOT, make_image
-from resend_novelty import benchmark as bm
-from resend_novelty.benchmark import (
+from resend_novelty.evaluation import settings as bm
+from resend_novelty.evaluation.settings import (
     SETTINGS,
     format_table,
     get_setting,
@@ -25,9 +25,9 @@ from resend_novelty.benchmark import (
     run_benchmark,
     setting_summary,
 )
-from resend_novelty.cli import main
-from resend_novelty.data import DataError
-from resend_novelty.detectors import CosineDetector
+from resend_novelty.cli.main import main
+from resend_novelty.data.images import DataError
+from resend_novelty.detectors.base import CosineDetector
 
 PAPER_SETTINGS = [
     "dtd", "domainnet-real", "domainnet-painting", "domainnet-sketch", "domainnet-cross",
@@ -242,7 +242,7 @@ def test_cli_list(capsys, tmp_path):
 
 
 def test_cli_reports_missing_images_without_building_a_backbone(capsys, tmp_path, monkeypatch):
-    import resend_novelty.commands.benchmark as cmd
+    import resend_novelty.cli.benchmark as cmd
 
     def no_backbone(args):
         raise AssertionError("the backbone must not be built before the images are checked")
@@ -256,7 +256,7 @@ def test_cli_reports_missing_images_without_building_a_backbone(capsys, tmp_path
 
 
 def test_cli_runs_a_setting(capsys, tmp_path, monkeypatch, tiny_backbone):
-    import resend_novelty.commands.benchmark as cmd
+    import resend_novelty.cli.benchmark as cmd
 
     monkeypatch.setattr(cmd, "detector_factory", lambda args: make_detector_factory(tiny_backbone))
     s = get_setting("dtd")

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import make_image
 
-from resend_novelty.backbones import Preprocessing
-from resend_novelty.cache import FeatureCache, image_key
-from resend_novelty.data import DataError
-from resend_novelty.features import check_features, extract_features
+from resend_novelty.backbones.base import Preprocessing
+from resend_novelty.features.cache import FeatureCache, image_key
+from resend_novelty.data.images import DataError
+from resend_novelty.features.extract import check_features, extract_features
 
 
 class _Counter:
@@ -138,7 +138,7 @@ def test_invalidated_when_preprocessing_weights_or_namespace_change(class_folder
 
 
 def test_efficientnet_namespace_names_its_weights_and_preprocessing():
-    from resend_novelty.backbones import Backbone
+    from resend_novelty.backbones.base import Backbone
 
     bb = Backbone(Preprocessing(resize=256, crop=224))
     bb.name = "x"

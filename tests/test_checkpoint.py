@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from resend_novelty import checkpoint as ckpt
-from resend_novelty.checkpoint import (
+from resend_novelty.models import checkpoint as ckpt
+from resend_novelty.models.checkpoint import (
     FORMAT,
     SHIPPED_NAME,
     CheckpointError,
@@ -23,7 +23,7 @@ from resend_novelty.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
-from resend_novelty.model import RelationalConfig, RelationalModule
+from resend_novelty.models.relational import RelationalConfig, RelationalModule
 
 
 def _model(**kw) -> RelationalModule:
@@ -236,7 +236,7 @@ def test_real_shipped_checkpoint_loads(tmp_path, monkeypatch):
     assert model.config.standardize_features and model.config.normality == "max-logit"
     # session 5: hybrid support references chosen on the proxy (shipped_config.json "scoring")
     assert (model.config.neighbors, model.config.neighbor_weight) == (10, 0.5)
-    from resend_novelty.backbones import build_backbone
+    from resend_novelty.backbones.base import build_backbone
 
     for member in build_backbone(model.config.backbone).members:  # weights in the package
         assert member.weights_id.startswith("file-")

@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import COLORS, DATA_ROOT, make_image
 
-from resend_novelty import backbones
-from resend_novelty.checkpoint import save_checkpoint
-from resend_novelty.cli import COMMANDS, build_parser, main
-from resend_novelty.model import RelationalConfig, RelationalModule
+from resend_novelty.backbones import base as backbones
+from resend_novelty.models.checkpoint import save_checkpoint
+from resend_novelty.cli.main import COMMANDS, build_parser, main
+from resend_novelty.models.relational import RelationalConfig, RelationalModule
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -58,7 +58,7 @@ def test_every_subcommand_help_explains_every_option(name, capsys):
 def test_console_script_help_in_a_subprocess():
     """The installed entry point works (`resend --help`), also as `python -m`."""
     exe = Path(sys.executable).with_name("resend")
-    cmd = [str(exe), "--help"] if exe.exists() else [sys.executable, "-m", "resend_novelty.cli", "--help"]
+    cmd = [str(exe), "--help"] if exe.exists() else [sys.executable, "-m", "resend_novelty.cli.main", "--help"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "usage: resend" in r.stdout and "eval" in r.stdout
@@ -179,7 +179,7 @@ _PACS = DATA_ROOT / "pacs"
 @pytest.mark.skipif(not _PACS.is_dir(), reason="shared PACS data absent")
 def test_efficientnet_lite0_offline_features():
     paths = [str(sorted((_PACS / dom / "dog").iterdir())[0]) for dom in ("photo", "sketch", "cartoon")]
-    from resend_novelty.features import extract_features
+    from resend_novelty.features.extract import extract_features
 
     bb = backbones.build_backbone("efficientnet_lite0")  # weights from a pip package: offline
     assert bb.feature_dim == 1280 and bb.weights_id.startswith("imagenet-")

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from resend_novelty.data import (
+from resend_novelty.data.images import (
     DataError,
     ImageDataset,
     ImageRecord,

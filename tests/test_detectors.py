@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from resend_novelty.data import DataError, ImageDataset, scan_class_folders
-from resend_novelty.detectors import (
+from resend_novelty.data.images import DataError, ImageDataset, scan_class_folders
+from resend_novelty.detectors.base import (
     UNKNOWN,
     CosineDetector,
     EuclideanDetector,
     ReSeNDDetector,
     build_detector,
 )
-from resend_novelty.features import extract_features
-from resend_novelty.model import RelationalConfig, RelationalModule
+from resend_novelty.features.extract import extract_features
+from resend_novelty.models.relational import RelationalConfig, RelationalModule
 
 METHODS = ["cosine", "euclidean", "resend"]
 

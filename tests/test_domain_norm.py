@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from resend_novelty.benchmark import get_setting
-from resend_novelty.data import ImageRecord
-from resend_novelty.detectors import (CenteredCosineDetector, CosineDetector, ReSeNDDetector,
+from resend_novelty.evaluation.settings import get_setting
+from resend_novelty.data.images import ImageRecord
+from resend_novelty.detectors.base import (CenteredCosineDetector, CosineDetector, ReSeNDDetector,
                                       StandardizedCosineDetector, build_detector)
-from resend_novelty.domain_norm import STD_FLOOR, domain_statistics, normalize_by_domain
-from resend_novelty.model import RelationalModule
-from resend_novelty.train import TrainConfig, proxy_validation_auroc
-from resend_novelty.validation import ProxySet, evaluate_proxy, load_proxy_set, proxy_episodes
+from resend_novelty.transforms.domain_norm import STD_FLOOR, domain_statistics, normalize_by_domain
+from resend_novelty.models.relational import RelationalModule
+from resend_novelty.training.loop import TrainConfig, proxy_validation_auroc
+from resend_novelty.evaluation.proxy import ProxySet, evaluate_proxy, load_proxy_set, proxy_episodes
 
 
 def test_normalize_by_domain_center_and_standardize():
@@ -229,8 +229,8 @@ def test_stylised_views_do_not_depend_on_how_the_path_is_written(tmp_path, tiny_
                                                                  monkeypatch):
     from conftest import make_image
 
-    from resend_novelty.augment import DomainShiftView
-    from resend_novelty.features import extract_features
+    from resend_novelty.data.augment import DomainShiftView
+    from resend_novelty.features.extract import extract_features
 
     p = make_image(tmp_path / "a" / "x.png", (200, 100, 50), size=(48, 48))
     aug = DomainShiftView(0, tiny_backbone.transform)
@@ -261,7 +261,7 @@ def test_resend_normality_option_and_checkpoint_default():
 
 
 def test_cross_domain_pairs():
-    from resend_novelty.pairs import PairSampler
+    from resend_novelty.training.pairs import PairSampler
 
     labels = np.repeat(np.arange(4), 8)
     domains = np.tile(np.repeat([0, 1], 4), 4)  # each class: 4 photos, 4 sketches
@@ -283,7 +283,7 @@ def test_cross_domain_pairs():
 
 
 def test_osdg_auto_normalisation_follows_the_normality():
-    from resend_novelty.osdg import default_normalization
+    from resend_novelty.osdg.evaluate import default_normalization
 
     soft = RelationalModule(feature_dim=6, dim=8, heads=2, depth=1)
     maxl = RelationalModule(feature_dim=6, dim=8, heads=2, depth=1, normality="max-logit")

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from resend_novelty.augment import STYLES, DomainShiftView, stylise
-from resend_novelty.detectors import CenteredCosineDetector, CosineDetector, ReSeNDDetector
-from resend_novelty.model import RelationalModule
-from resend_novelty.train import TrainConfig, center_by_domain, train
+from resend_novelty.data.augment import STYLES, DomainShiftView, stylise
+from resend_novelty.detectors.base import CenteredCosineDetector, CosineDetector, ReSeNDDetector
+from resend_novelty.models.relational import RelationalModule
+from resend_novelty.training.loop import TrainConfig, center_by_domain, train
 
 
 def test_cosine_skip_starts_at_the_cosine_term_and_stays_symmetric():
@@ -94,7 +94,7 @@ def test_training_with_partner_sets_cosine_skip_and_centring(tmp_path):
                              "center_features": True})
     s = train(cfg, progress=False)
     assert s["step"] == 20 and s["best_val_auroc"] is not None
-    from resend_novelty.checkpoint import load_checkpoint
+    from resend_novelty.models.checkpoint import load_checkpoint
 
     m = load_checkpoint(tmp_path / "r" / "final.safetensors")
     assert m.config.cosine_skip and m.config.center_features
@@ -103,7 +103,7 @@ def test_training_with_partner_sets_cosine_skip_and_centring(tmp_path):
 def test_end_to_end_mode_trains_backbone_validates_and_keeps_best(tmp_path, monkeypatch, tiny_backbone):
     from conftest import make_image
 
-    from resend_novelty import backbones
+    from resend_novelty.backbones import base as backbones
 
     monkeypatch.setitem(backbones.BACKBONES, "tiny_test_cnn", lambda **kw: tiny_backbone)
     for c in range(6):

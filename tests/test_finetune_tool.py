@@ -30,7 +30,7 @@ def reference_set(tmp_path):
 def test_smoke_run_logs_every_epoch_and_the_ensembles(reference_set, tmp_path):
     import finetune_backbones as ft
 
-    from resend_novelty.backbones import EfficientNetLite
+    from resend_novelty.backbones.base import EfficientNetLite
 
     imagenet = tmp_path / "imagenet"
     assert ft.main(["--export-imagenet", str(imagenet), "--backbones", "efficientnet_lite0"]) == 0

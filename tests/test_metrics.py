@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from resend_novelty.metrics import (
+from resend_novelty.evaluation.metrics import (
     aupr_in,
     aupr_out,
     auroc,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resend_novelty.model import RelationalConfig, RelationalModule
+from resend_novelty.models.relational import RelationalConfig, RelationalModule
 
 
 def _model(seed=0, **kw) -> RelationalModule:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from resend_novelty import osdg
-from resend_novelty.cli import main
-from resend_novelty.metrics import h_score
+from resend_novelty.osdg import evaluate as osdg
+from resend_novelty.cli.main import main
+from resend_novelty.evaluation.metrics import h_score
 
 # four test images, known classes [2, 5, 7]; labels 9 are unknown
 PROBS = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])
@@ -142,7 +142,7 @@ def test_linear_classifier_is_reproducible_and_learns():
 # --------------------------------------------------------------------------- end to end
 @pytest.fixture
 def tiny_registered(tiny_backbone, monkeypatch):
-    from resend_novelty import backbones
+    from resend_novelty.backbones import base as backbones
 
     monkeypatch.setitem(backbones.BACKBONES, type(tiny_backbone).name, type(tiny_backbone))
     return type(tiny_backbone).name
@@ -162,8 +162,8 @@ def _lists(root):
 
 
 def test_end_to_end_user_mode_cli(class_folders, tiny_backbone, tiny_registered, tmp_path, capsys):
-    from resend_novelty.data import read_list_file
-    from resend_novelty.features import extract_features
+    from resend_novelty.data.images import read_list_file
+    from resend_novelty.features.extract import extract_features
 
     sup_list, test_list = _lists(class_folders)
     sup = read_list_file(sup_list, class_folders)
@@ -215,7 +215,7 @@ def test_end_to_end_user_mode_cli(class_folders, tiny_backbone, tiny_registered,
 
 
 def test_end_to_end_benchmark_mode(class_folders, tiny_registered, tmp_path, monkeypatch, capsys):
-    from resend_novelty.benchmark import SETTINGS, Setting, Target
+    from resend_novelty.evaluation.settings import SETTINGS, Setting, Target
 
     _lists(class_folders)
     lists = class_folders / "lists"

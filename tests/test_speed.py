@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from resend_novelty.detectors import ReSeNDDetector
-from resend_novelty.model import RelationalConfig, RelationalModule
+from resend_novelty.detectors.base import ReSeNDDetector
+from resend_novelty.models.relational import RelationalConfig, RelationalModule
 
 SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
@@ -197,7 +197,7 @@ def test_arithmetic_counts_match_a_hand_count(speed):
 
 
 def test_broadcast_attention_equals_sdpa(speed):
-    from resend_novelty.model import _short_attention
+    from resend_novelty.models.relational import _short_attention
 
     g = torch.Generator().manual_seed(0)
     for lq in (3, 1):

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from resend_novelty.checkpoint import load_checkpoint
-from resend_novelty.pairs import PairSampler
-from resend_novelty.train import TrainConfig, train
+from resend_novelty.models.checkpoint import load_checkpoint
+from resend_novelty.training.pairs import PairSampler
+from resend_novelty.training.loop import TrainConfig, train
 
 
 @pytest.fixture
@@ -101,9 +101,9 @@ def _run_cli(args, nproc=None, env_extra=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "resend_novelty.train", *args]
+               f"--nproc_per_node={nproc}", "-m", "resend_novelty.training.loop", *args]
     else:
-        cmd = [sys.executable, "-m", "resend_novelty.train", *args]
+        cmd = [sys.executable, "-m", "resend_novelty.training.loop", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -131,7 +131,7 @@ def test_sigterm_leaves_consistent_checkpoint_and_resume_matches(synth, tmp_path
               "--checkpoint-every", "100000", "--quiet"]
     out = tmp_path / "sig"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "resend_novelty.train", *common,
+    proc = subprocess.Popen([sys.executable, "-m", "resend_novelty.training.loop", *common,
                              "--steps", "100000", "--out", str(out)],
                             env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300

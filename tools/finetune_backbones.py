@@ -5,12 +5,12 @@
 Each backbone (default: Lite0 and Lite1, the members of the shipped ensemble) is fine-tuned on
 the Tiny-ImageNet classes that pretraining trains on (the 30 classes held out by
 ``split_validation(seed)`` are never seen) and selected on the synthetic domain-shift proxy of
-those held-out classes (:mod:`resend_novelty.validation`); PACS plays no part.
+those held-out classes (:mod:`resend_novelty.evaluation.proxy`); PACS plays no part.
 
 Recipe (fixed before any number; the rule is quoted in BENCHMARKS.md, *End-to-end fine-tuned backbones*):
 
 * every training image is rendered at random as a photo or one of the domain-shift styles of
-  :mod:`resend_novelty.augment` (sketch, cartoon, painting, grayscale, colour, low resolution),
+  :mod:`resend_novelty.data.augment` (sketch, cartoon, painting, grayscale, colour, low resolution),
   then randomly cropped (scale 0.5-1) and flipped, seeded per (seed, epoch, image);
 * loss = cross-entropy of a cosine classifier (scale 16; weights initialised at the class means of
   the centred frozen features) + ``lambda`` x the relative squared distance between the fine-tuned
@@ -73,7 +73,7 @@ def export_imagenet(out: Path, names) -> None:
     safetensors, loadable with ``EfficientNetLite(weights=...)``."""
     from safetensors.torch import save_file
 
-    from resend_novelty.backbones import build_backbone
+    from resend_novelty.backbones.base import build_backbone
 
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -82,7 +82,7 @@ def export_imagenet(out: Path, names) -> None:
 
 
 def load_backbone(name: str, imagenet_dir: str | None):
-    from resend_novelty.backbones import EfficientNetLite, build_backbone
+    from resend_novelty.backbones.base import EfficientNetLite, build_backbone
 
     if imagenet_dir is None:
         bb = build_backbone(name)
@@ -113,9 +113,9 @@ class _Rendered(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        from resend_novelty.augment import DomainShiftView
-        from resend_novelty.data import load_image
-        from resend_novelty.train import STYLE_ORDER
+        from resend_novelty.data.augment import DomainShiftView
+        from resend_novelty.data.images import load_image
+        from resend_novelty.training.loop import STYLE_ORDER
 
         path, key, view = self.items[i]
         img = load_image(path)
@@ -136,8 +136,8 @@ class _TrainViews(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from torchvision.transforms import functional as TF
 
-        from resend_novelty.augment import stylise
-        from resend_novelty.data import load_image
+        from resend_novelty.data.augment import stylise
+        from resend_novelty.data.images import load_image
 
         rng = random.Random(zlib.crc32(f"{self.seed}|{self.epoch}|{i}".encode()))
         img = load_image(self.paths[i])
@@ -195,9 +195,9 @@ def features(bb, x, device, batch: int = 500) -> torch.Tensor:
 def proxy_items(train_dir: str, key_root: str, data_root: str, seed: int, val_classes: int,
                 per_class: int):
     """(items, labels, domains, val classes) of the proxy (renderings "one"), in
-    :func:`resend_novelty.validation.load_proxy_set`'s order; an item is (path, key that seeds
+    :func:`resend_novelty.evaluation.proxy.load_proxy_set`'s order; an item is (path, key that seeds
     the rendering, view index or None for the photo)."""
-    from resend_novelty.validation import proxy_records
+    from resend_novelty.evaluation.proxy import proxy_records
 
     groups, _, val = proxy_records(train_dir, val_classes, seed, per_class)
     items, labs, doms = [], [], []
@@ -212,7 +212,7 @@ def proxy_items(train_dir: str, key_root: str, data_root: str, seed: int, val_cl
 
 
 def proxy_scores(feats: torch.Tensor, labels, domains, val, make, episodes: int, seed: int):
-    from resend_novelty.validation import ProxySet, evaluate_proxy
+    from resend_novelty.evaluation.proxy import ProxySet, evaluate_proxy
 
     r = evaluate_proxy(make, ProxySet(feats, labels, domains, val), n_episodes=episodes, seed=seed)
     m, s = r["multi"]["avg"]["auroc"], r["single"]["avg"]["auroc"]
@@ -220,7 +220,7 @@ def proxy_scores(feats: torch.Tensor, labels, domains, val, make, episodes: int,
 
 
 def cosine_std():
-    from resend_novelty.detectors import build_detector
+    from resend_novelty.detectors.base import build_detector
 
     return build_detector("cosine-standardized", backbone=None, progress=False)
 
@@ -339,9 +339,9 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     from safetensors.torch import save_file
 
-    from resend_novelty.checkpoint import load_checkpoint
-    from resend_novelty.detectors import ReSeNDDetector
-    from resend_novelty.train import TrainConfig, _records, split_validation
+    from resend_novelty.models.checkpoint import load_checkpoint
+    from resend_novelty.detectors.base import ReSeNDDetector
+    from resend_novelty.training.loop import TrainConfig, _records, split_validation
 
     data_root = args.data_root
     train_dir = str(Path(data_root) / "tiny_imagenet_200" / "train")
@@ -444,7 +444,7 @@ def main(argv=None) -> int:
                                  f"backbone on the proxy)")
             dst = weights / f"{name}_ft.safetensors"
             shutil.copyfile(src, dst)
-            from resend_novelty.checkpoint import sha256_file
+            from resend_novelty.models.checkpoint import sha256_file
 
             (weights / f"{name}_ft.safetensors.json").write_text(json.dumps(
                 {"sha256": sha256_file(dst), "config": args.ship, "seed": args.seed,

@@ -38,8 +38,8 @@ def main(argv=None) -> int:
 
     from pretrain_ablation import CONFIGS
 
-    from resend_novelty.checkpoint import SHIPPED_NAME, load_checkpoint, save_checkpoint, sha256_file
-    from resend_novelty.train import TrainConfig, train
+    from resend_novelty.models.checkpoint import SHIPPED_NAME, load_checkpoint, save_checkpoint, sha256_file
+    from resend_novelty.training.loop import TrainConfig, train
 
     chosen = json.loads((ROOT / "benchmarks" / "shipped_config.json").read_text())
     name = args.config or chosen["name"]
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     # another backbone; the choice was made on the proxy with these very weights
     backbone = None if args.config else chosen.get("backbone")
     if backbone:
-        from resend_novelty.backbones import build_backbone
+        from resend_novelty.backbones.base import build_backbone
 
         dim = build_backbone(backbone).feature_dim
         if dim != model.config.feature_dim:

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ._common import add_detector_options, detector_factory, write_json
+from .common import add_detector_options, detector_factory, write_json
 
 
 def add_parser(sub, name):
@@ -30,8 +30,8 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from ..data import read_list_file
-    from ..metrics import closed_set_accuracy, novelty_report
+    from ..data.images import read_list_file
+    from ..evaluation.metrics import closed_set_accuracy, novelty_report
 
     support = read_list_file(args.support, args.root)
     test = read_list_file(args.test, args.root)

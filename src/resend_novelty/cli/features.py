@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import write_json  # noqa: F401  (shared helpers)
+from .common import write_json  # noqa: F401  (shared helpers)
 
 
 def add_parser(sub, name):
@@ -43,10 +43,10 @@ def run(args) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from ..backbones import build_backbone
-    from ..cache import FeatureCache
-    from ..data import list_images, read_list_file
-    from ..features import extract_features
+    from ..backbones.base import build_backbone
+    from ..features.cache import FeatureCache
+    from ..data.images import list_images, read_list_file
+    from ..features.extract import extract_features
 
     if os.path.isdir(args.data):
         paths, labels = list_images(args.data), None

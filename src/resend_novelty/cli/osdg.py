@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import add_detector_options, detector_factory, write_json
+from .common import add_detector_options, detector_factory, write_json
 
 
 def _weights(text: str) -> tuple[float, float]:
@@ -35,7 +35,7 @@ def _weights(text: str) -> tuple[float, float]:
 
 
 def add_parser(sub, name):
-    from ..benchmark import SETTINGS
+    from ..evaluation.settings import SETTINGS
 
     p = sub.add_parser(
         name,
@@ -100,7 +100,7 @@ def add_parser(sub, name):
 def _normalize(args) -> str:
     if args.normalize != "auto":
         return args.normalize
-    from ..osdg import default_normalization
+    from ..osdg.evaluate import default_normalization
 
     return default_normalization(args.method, getattr(args, "model", None))
 
@@ -130,11 +130,11 @@ def run(args) -> int:
 
 
 def _run_benchmark(args) -> int:
-    from ..backbones import build_backbone
-    from ..benchmark import get_setting
-    from ..cache import FeatureCache
-    from ..features import extract_features
-    from ..osdg import format_osdg_table, run_osdg_benchmark
+    from ..backbones.base import build_backbone
+    from ..evaluation.settings import get_setting
+    from ..features.cache import FeatureCache
+    from ..features.extract import extract_features
+    from ..osdg.evaluate import format_osdg_table, run_osdg_benchmark
 
     setting = get_setting(args.setting)
     make = detector_factory(args)
@@ -173,8 +173,8 @@ def _run_benchmark(args) -> int:
 
 
 def _run_user(args) -> int:
-    from ..data import read_list_file
-    from ..osdg import crossfit_source_scores, evaluate_osdg, load_probabilities
+    from ..data.images import read_list_file
+    from ..osdg.evaluate import crossfit_source_scores, evaluate_osdg, load_probabilities
 
     support = read_list_file(args.support, args.root)
     test = read_list_file(args.test, args.root)

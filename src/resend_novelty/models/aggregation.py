@@ -1,7 +1,7 @@
 """Ablations of the relational module (paper Table 5): hand-designed pair aggregation + MLP.
 
 ReSeND's relational module r lets the two image tokens attend to each other through B
-transformer blocks (:class:`~resend_novelty.model.RelationalModule`). The ablation replaces r by a
+transformer blocks (:class:`~resend_novelty.models.relational.RelationalModule`). The ablation replaces r by a
 fixed aggregation of the two projected tokens ``z_i = W_p f_i + b_p`` (eq. 2, unchanged)::
 
     a_ij = max(z_i, z_j)        (arch="max", element-wise; symmetric)
@@ -18,7 +18,7 @@ similar parameter count.
 Same interface as :class:`RelationalModule` (``encode``, ``relate``, ``forward``,
 ``pairwise_logits``, ``config`` with ``to_dict``/``from_dict``): it *is* a subclass, sharing the
 projection, input normalisation, optional cosine skip (``cosine_skip``) and chunked pairwise
-evaluation, so checkpoints, training and :class:`~resend_novelty.detectors.ReSeNDDetector` work
+evaluation, so checkpoints, training and :class:`~resend_novelty.detectors.base.ReSeNDDetector` work
 unchanged. Build one with
 ``build_relational(RelationalConfig(arch="max", ...))``.
 """
@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from .model import RelationalConfig, RelationalModule
+from .relational import RelationalConfig, RelationalModule
 
 __all__ = ["AggregationModule", "mlp_width", "transformer_relation_params"]
 

@@ -1,10 +1,10 @@
-"""``resend pretrain``: relational pretraining (see :mod:`resend_novelty.train`)."""
+"""``resend pretrain``: relational pretraining (see :mod:`resend_novelty.training.loop`)."""
 
 from __future__ import annotations
 
 
 def add_parser(sub, name):
-    from ..train import add_arguments
+    from ..training.loop import add_arguments
 
     p = sub.add_parser(
         name,
@@ -13,7 +13,7 @@ def add_parser(sub, name):
             "Pretrain ReSeND's relational module on pairs of reference images (same class -> 1, "
             "different classes -> 0). Defaults follow the paper (LARS, lr 0.008, 500 warm-up "
             "steps, 4096 pairs a step, MSE). Multi-GPU: torchrun --nproc_per_node N -m "
-            "resend_novelty.train with the same options. Ctrl-C writes a checkpoint; --resume "
+            "resend_novelty.training.loop with the same options. Ctrl-C writes a checkpoint; --resume "
             "continues exactly."
         ),
     )
@@ -22,6 +22,6 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from ..train import run_from_args
+    from ..training.loop import run_from_args
 
     return run_from_args(args)

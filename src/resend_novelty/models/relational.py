@@ -36,7 +36,7 @@ from torch import nn
 __all__ = ["RelationalConfig", "RelationalModule", "TransformerBlock", "build_relational", "ARCHS"]
 
 # "transformer": the paper's relational module; the others are the ablations of the paper's
-# Table 5 (hand-designed aggregation of the two tokens + MLP, resend_novelty.ablation_models)
+# Table 5 (hand-designed aggregation of the two tokens + MLP, resend_novelty.models.aggregation)
 ARCHS = ("transformer", "max", "sum", "concat")
 NORMALITIES = ("softmax", "max-logit")
 
@@ -57,7 +57,7 @@ class RelationalConfig:
     # support features on the support mean and test features on the test mean (not in the paper)
     arch: str = "transformer"  # relational module; "max"/"sum"/"concat": Table 5 ablations
     standardize_features: bool = False  # trained on per-domain standardised features (mean and
-    # std per dimension, resend_novelty.domain_norm); detectors do the same (not in the paper)
+    # std per dimension, resend_novelty.transforms.domain_norm); detectors do the same (not in the paper)
     normality: str = "softmax"  # the detector's default normality: "softmax" = max(softmax(u))
     # (the paper), "max-logit" = max(u) (the similarity to the nearest prototype)
     neighbors: int = 0  # the detector's default support references: 0 = one prototype per class
@@ -309,6 +309,6 @@ def build_relational(config: RelationalConfig) -> RelationalModule:
     """The relational model of ``config.arch``: the transformer of the paper or an ablation."""
     if config.arch == "transformer":
         return RelationalModule(config)
-    from .ablation_models import AggregationModule
+    from .aggregation import AggregationModule
 
     return AggregationModule(config)

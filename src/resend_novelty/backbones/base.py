@@ -87,7 +87,7 @@ def _file_digest(path: str, limit: int = 1 << 20) -> str:
 def _verified(path: str) -> str:
     """``path`` of a weights file shipped in the package, checked against the SHA-256 recorded
     beside it (``<file>.json``, written by tools/finetune_backbones.py --ship)."""
-    from .checkpoint import CheckpointError, verify_recorded_sha256
+    from ..models.checkpoint import CheckpointError, verify_recorded_sha256
 
     if not os.path.isfile(path):
         raise CheckpointError(f"shipped backbone weights missing from the installation: {path}")
@@ -195,7 +195,7 @@ class EfficientNetLite(Backbone):
             raise FileNotFoundError(f"{self.name}: weights file {path} not found")
         from safetensors.torch import load_file
 
-        from .checkpoint import state_mismatch
+        from ..models.checkpoint import state_mismatch
 
         state = {k: v.float() for k, v in load_file(path).items()}
         mismatch = state_mismatch({k: v.shape for k, v in self.state_dict().items()}, state)
@@ -320,7 +320,7 @@ class BackboneEnsemble(Backbone):
 
     Built by name with ``+``: ``build_backbone("efficientnet_lite0+efficientnet_lite1")``. There is
     no single preprocessing, so the ensemble is used through
-    :func:`~resend_novelty.features.extract_features`, which runs (and caches) every member on its
+    :func:`~resend_novelty.features.extract.extract_features`, which runs (and caches) every member on its
     own and concatenates; the members' caches are shared with their single-backbone use.
     """
 

@@ -7,11 +7,11 @@ Two modes:
 
 - **frozen backbone** (default here, fast on CPU): backbone features are extracted once and
   cached; only the relational module trains. Optional *stylised views* of the reference images
-  (sketch, cartoon, painting, grayscale; :mod:`resend_novelty.augment`) join the reference set as
+  (sketch, cartoon, painting, grayscale; :mod:`resend_novelty.data.augment`) join the reference set as
   extra items of their class, so that same-class pairs span domains.
 - **end to end** (``frozen_backbone=False``): images in, the backbone is fine-tuned too (GPU, bf16).
 
-Distributed: ``torchrun --nproc_per_node N -m resend_novelty.train ...``. Every rank builds the
+Distributed: ``torchrun --nproc_per_node N -m resend_novelty.training.loop ...``. Every rank builds the
 same global batch of pairs and takes its shard; gradients are averaged by DDP, so N processes
 follow the same trajectory as one process with the same global batch (``batch_pairs``).
 
@@ -43,11 +43,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import save_checkpoint
-from .data import DataError, ImageRecord, load_image, read_list_file, scan_class_folders
-from .domain_norm import as_mode, normalize_by_domain
-from .metrics import auroc
-from .model import RelationalConfig, RelationalModule, build_relational
+from ..models.checkpoint import save_checkpoint
+from ..data.images import DataError, ImageRecord, load_image, read_list_file, scan_class_folders
+from ..transforms.domain_norm import as_mode, normalize_by_domain
+from ..evaluation.metrics import auroc
+from ..models.relational import RelationalConfig, RelationalModule, build_relational
 from .pairs import PairSampler, Pairs
 
 __all__ = ["TrainConfig", "train", "main", "ReferenceSet", "load_reference_features"]
@@ -78,7 +78,7 @@ class TrainConfig:
     val_every: int = 500
     val_classes: int = 20  # reference classes held out for validation (never trained on)
     # "halves": known held-out classes split in support/test halves (+ stylised views);
-    # "proxy": the synthetic multi/single-source domain-shift episodes of resend_novelty.validation
+    # "proxy": the synthetic multi/single-source domain-shift episodes of resend_novelty.evaluation.proxy
     val_protocol: str = "halves"
     val_episodes: int = 20  # episodes per proxy setting ("proxy" protocol)
     style_views: int = 0  # images per class that get one stylised view (frozen mode)
@@ -150,7 +150,7 @@ def load_reference_features(cfg: TrainConfig, progress: bool = True) -> Referenc
             raise DataError(f"{cfg.data} must hold 'features' and 'labels' tensors")
         labels = t["labels"].numpy().astype(np.int64)
         n = len(labels)
-        from .features import check_features
+        from ..features.extract import check_features
 
         feats = t["features"].float()
         if feats.ndim != 2 or feats.shape[0] != n:
@@ -158,9 +158,9 @@ def load_reference_features(cfg: TrainConfig, progress: bool = True) -> Referenc
         feats = check_features(feats, f"features of {cfg.data}")  # no NaN/inf
         return ReferenceSet(feats, labels, [""] * n, np.zeros(n, bool),
                             [str(c) for c in np.unique(labels)])
-    from .augment import DomainShiftView
-    from .backbones import build_backbone
-    from .features import extract_features
+    from ..data.augment import DomainShiftView
+    from ..backbones.base import build_backbone
+    from ..features.extract import extract_features
 
     records, classes = _records(cfg)
     bb = build_backbone(cfg.backbone)
@@ -197,7 +197,7 @@ def center_by_domain(feats: torch.Tensor, domain: np.ndarray, fit_mask: np.ndarr
                      mode: str = "center") -> torch.Tensor:
     """Normalise every item with the statistics of its domain (computed over ``fit_mask`` items):
     ``mode`` "center" subtracts the domain mean, "standardize" also divides by its std
-    (:func:`resend_novelty.domain_norm.normalize_by_domain`)."""
+    (:func:`resend_novelty.transforms.domain_norm.normalize_by_domain`)."""
     return normalize_by_domain(feats, domain, mode, fit_mask)
 
 
@@ -267,9 +267,9 @@ def validation_auroc(model: RelationalModule, feats: torch.Tensor, labels: np.nd
 
 def proxy_validation_auroc(model, proxy, episodes: int, seed: int, device=None) -> float:
     """Mean of the multi- and single-source AUROC of the proxy benchmark
-    (:mod:`resend_novelty.validation`), the model scored as ReSeNDDetector scores it."""
-    from .detectors import ReSeNDDetector
-    from .validation import evaluate_proxy
+    (:mod:`resend_novelty.evaluation.proxy`), the model scored as ReSeNDDetector scores it."""
+    from ..detectors.base import ReSeNDDetector
+    from ..evaluation.proxy import evaluate_proxy
 
     was_training = model.training
     try:
@@ -332,7 +332,7 @@ def _load_training_checkpoint(out: Path):
         return None
     info = json.loads(latest.read_text())
     path = out / "checkpoints" / info["path"]
-    from .checkpoint import load_checkpoint
+    from ..models.checkpoint import load_checkpoint
 
     model = load_checkpoint(path / "model.safetensors")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
@@ -419,7 +419,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     train_idx = np.flatnonzero(train_mask)
     proxy = None
     if cfg.val_protocol == "proxy" and len(val_classes) and cfg.val_every:
-        from .validation import load_proxy_set
+        from ..evaluation.proxy import load_proxy_set
 
         proxy = load_proxy_set(cfg.data, cfg.val_classes, cfg.seed, backbone=cfg.backbone,
                                progress=progress and rank == 0)
@@ -436,7 +436,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     if cfg.frozen_backbone:
         mcfg.setdefault("feature_dim", feature_dim)
     else:
-        from .backbones import build_backbone
+        from ..backbones.base import build_backbone
 
         backbone = build_backbone(cfg.backbone)
         mcfg.setdefault("feature_dim", backbone.feature_dim)
@@ -713,7 +713,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="validation on the held-out classes: 'halves' (support/test halves of the "
                    "known held-out classes, plus stylised views) or 'proxy' (mean multi- and "
                    "single-source AUROC of the synthetic domain-shift episodes of "
-                   "resend_novelty.validation; frozen mode)")
+                   "resend_novelty.evaluation.proxy; frozen mode)")
     p.add_argument("--val-episodes", type=int, default=d.val_episodes,
                    help="episodes per proxy setting (--val-protocol proxy)")
     p.add_argument("--val-every", type=int, default=d.val_every,
@@ -744,7 +744,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "own means (transductive; not in the paper)")
     p.add_argument("--standardize-features", dest="standardize_features", action="store_true",
                    default=None, help="like --center-features, and also divide by the per-domain "
-                   "std of each feature dimension (resend_novelty.domain_norm; not in the paper)")
+                   "std of each feature dimension (resend_novelty.transforms.domain_norm; not in the paper)")
     p.add_argument("--normality", choices=("softmax", "max-logit"), default=None,
                    help="the detector's default normality, stored in the checkpoint: 'softmax' "
                    "(paper: max softmax of the similarities to the prototypes) or 'max-logit'")
@@ -786,7 +786,7 @@ def run_from_args(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m resend_novelty.train",
+    p = argparse.ArgumentParser(prog="python -m resend_novelty.training.loop",
                                 description="Relational pretraining of ReSeND (see `resend pretrain --help`).")
     add_arguments(p)
     return run_from_args(p.parse_args(argv))

@@ -2,8 +2,8 @@
 
 ::
 
-    from resend_novelty.detectors import build_detector
-    from resend_novelty.report import score_folders, write_report
+    from resend_novelty.detectors.base import build_detector
+    from resend_novelty.report.result import score_folders, write_report
 
     det = build_detector("cosine")                      # or "resend" (model=...)
     result = score_folders(det, "support/", "new/", tpr=0.95)
@@ -21,7 +21,7 @@ Images: JPEG, PNG, WebP, BMP; grayscale, palette and RGBA images are converted t
 unreadable, truncated or empty file stops the run with an error naming it.
 
 Threshold: ``threshold=T`` is used as given; otherwise it is calibrated on the support set alone
-(:meth:`~resend_novelty.detectors.PrototypeDetector.calibrate_features`): the ``ceil(tpr*m)``-th
+(:meth:`~resend_novelty.detectors.base.PrototypeDetector.calibrate_features`): the ``ceil(tpr*m)``-th
 largest leave-one-out normality of the m support images, so that a fraction ``tpr`` of known
 images is expected to be accepted.
 
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import IMAGE_EXTENSIONS, DataError, scan_class_folders
+from ..data.images import IMAGE_EXTENSIONS, DataError, scan_class_folders
 
 __all__ = [
     "UNKNOWN_NAME",
@@ -178,7 +178,7 @@ class ScoreResult:
         """Threshold-free and thresholded metrics when the test images carry labels."""
         if self.test_labels is None:
             return None
-        from .metrics import closed_set_accuracy, h_score, novelty_report
+        from ..evaluation.metrics import closed_set_accuracy, h_score, novelty_report
 
         is_known = self.is_known
         rep = novelty_report(self.normality, is_known)
@@ -359,7 +359,7 @@ def plot_roc(result: ScoreResult, path: str | os.PathLike) -> bool:
     """ROC of knowns (positive) vs unknowns; False (nothing written) without both groups."""
     from sklearn.metrics import roc_curve
 
-    from .metrics import auroc, fpr95
+    from ..evaluation.metrics import auroc, fpr95
 
     is_known = result.is_known
     if is_known is None or is_known.all() or not is_known.any():
@@ -419,7 +419,7 @@ def plot_detection_rates(result: ScoreResult, path: str | os.PathLike) -> bool:
 # --------------------------------------------------------------------------- report
 def write_report(result: ScoreResult, out_dir: str | os.PathLike, plots: bool = True) -> dict:
     """Write scores.csv, summary.json and the PNG plots to ``out_dir``; returns name -> path."""
-    from .commands._common import write_json
+    from ..cli.common import write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

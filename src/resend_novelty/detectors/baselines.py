@@ -1,9 +1,9 @@
-"""Baselines of the paper (Tables 2 and 3) under the detector API of :mod:`resend_novelty.detectors`.
+"""Baselines of the paper (Tables 2 and 3) under the detector API of :mod:`resend_novelty.detectors.base`.
 
-Every class here is a :class:`~resend_novelty.detectors.PrototypeDetector`: ``fit`` /
+Every class here is a :class:`~resend_novelty.detectors.base.PrototypeDetector`: ``fit`` /
 ``fit_features`` on a labelled support set, ``score`` / ``score_features`` give a *normality*
 (higher = more likely a known class), ``nearest_class_features`` the closed-set prediction. They
-are registered in :data:`resend_novelty.detectors.DETECTORS`, so ``build_detector(name)`` and
+are registered in :data:`resend_novelty.detectors.base.DETECTORS`, so ``build_detector(name)`` and
 ``resend benchmark SETTING --method NAME`` work for all of them.
 
 Without fine-tuning (paper Table 2 and the "w/o fine-tuning" rows of Table 3):
@@ -61,9 +61,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import Backbone, build_backbone
-from .detectors import DETECTORS, PrototypeDetector
-from .features import check_features, extract_features
+from ..backbones.base import Backbone, build_backbone
+from .base import DETECTORS, PrototypeDetector
+from ..features.extract import check_features, extract_features
 
 __all__ = [
     "KNNDetector",
@@ -222,7 +222,7 @@ class MahalanobisDetector(PrototypeDetector):
 def resend_eval_seconds(model, support_features, support_labels, test_features,
                         device=None, repeats: int = 2) -> float:
     """Wall time of a ReSeND evaluation (prototypes + scoring of cached features), best of N."""
-    from .detectors import ReSeNDDetector
+    from .base import ReSeNDDetector
 
     best = math.inf
     for _ in range(max(1, repeats)):
@@ -371,7 +371,7 @@ class FineTunedDetector(_NoLOOCalibration, PrototypeDetector):
     def _budget_seconds(self, test_features: torch.Tensor) -> float:
         model = self.budget_model
         if not isinstance(model, nn.Module):
-            from .checkpoint import load_checkpoint
+            from ..models.checkpoint import load_checkpoint
 
             model = self.budget_model = load_checkpoint(model)
         feats, _, labels = self._ft_data
@@ -451,7 +451,7 @@ class FineTunedDetector(_NoLOOCalibration, PrototypeDetector):
         return self.normality_features(self._check_fitted(features)).numpy()
 
     def predict_features(self, features, threshold: float | None = None) -> np.ndarray:
-        from .detectors import UNKNOWN
+        from .base import UNKNOWN
 
         threshold = self._threshold(threshold)
         features = self._check_fitted(features)
@@ -674,7 +674,7 @@ class GramDetector(_NoLOOCalibration, PrototypeDetector):
         return {} if self._ft is None else self._ft.ft_info_
 
     def predict_features(self, features, threshold: float | None = None) -> np.ndarray:
-        from .detectors import UNKNOWN
+        from .base import UNKNOWN
 
         threshold = self._threshold(threshold)
         normality = self.score_features(features)

@@ -2,16 +2,16 @@
 
 The real benchmarks (PACS, ...) must not be used to choose a model or a scoring rule. This module
 builds their stand-in from the *reference* set only: the classes held out of pretraining
-(:func:`resend_novelty.train.split_validation`, the same seed and count as the training run) are
+(:func:`resend_novelty.training.loop.split_validation`, the same seed and count as the training run) are
 rendered in four "domains" - the photo itself and its deterministic sketch, cartoon and painting
-views (:mod:`resend_novelty.augment`). Image ``i`` of a class (natural file order) appears in one
+views (:mod:`resend_novelty.data.augment`). Image ``i`` of a class (natural file order) appears in one
 domain only, ``i % 4``, so that no test image is the stylised twin of a support image.
 
 Episodes copy the PACS protocol: ``n_known`` known and ``n_unknown`` unknown classes drawn from the
 held-out ones; *multi-source*: support = the known classes in three domains, test = all episode
 classes in the fourth (each domain in turn); *single-source*: support = photos, test = each
 stylised domain. The result is the mean AUROC over episodes per target, as in
-:func:`resend_novelty.benchmark.run_benchmark`.
+:func:`resend_novelty.evaluation.settings.run_benchmark`.
 
 Usage::
 
@@ -65,14 +65,14 @@ def load_proxy_set(data: str, val_classes: int = 30, seed: int = 0, per_class: i
     instead of 25 / 75). Support and test never share a source image.
 
     ``data``: a class-folder reference set (or list file) as for pretraining; ``val_classes`` and
-    ``seed``: the held-out classes of the pretraining run (:func:`~resend_novelty.train.
+    ``seed``: the held-out classes of the pretraining run (:func:`~resend_novelty.training.loop.
     split_validation`); ``per_class``: images per class used (natural file order);
-    ``backbone``: a name or a :class:`~resend_novelty.backbones.Backbone`.
+    ``backbone``: a name or a :class:`~resend_novelty.backbones.base.Backbone`.
     """
-    from .augment import DomainShiftView
-    from .backbones import build_backbone
-    from .features import extract_features
-    from .train import STYLE_ORDER
+    from ..data.augment import DomainShiftView
+    from ..backbones.base import build_backbone
+    from ..features.extract import extract_features
+    from ..training.loop import STYLE_ORDER
 
     groups, ranks, val = proxy_records(data, val_classes, seed, per_class, renderings)
     bb = build_backbone(backbone) if isinstance(backbone, str) else backbone
@@ -103,7 +103,7 @@ def proxy_records(data: str, val_classes: int = 30, seed: int = 0, per_class: in
     ``DomainShiftView(d - 1, ..., train.STYLE_ORDER)`` of the image), ``ranks[d]`` their positions
     in their class (natural file order) and ``val`` the held-out class ids. Arguments as for
     :func:`load_proxy_set`, which computes the features of exactly these renderings."""
-    from .train import TrainConfig, _records, split_validation
+    from ..training.loop import TrainConfig, _records, split_validation
 
     if renderings not in ("one", "all"):
         raise ValueError(f"renderings must be 'one' or 'all', got {renderings!r}")
@@ -144,9 +144,9 @@ def evaluate_proxy(make_detector: Callable[[], object], ps: ProxySet, n_episodes
 
     ``make_detector()`` returns an unfitted detector with ``fit_features`` and ``score_features``;
     in multi-source episodes its ``fit_features`` gets ``domains=`` (the support images' domain
-    ids, :func:`~resend_novelty.detectors.fit_support`).
+    ids, :func:`~resend_novelty.detectors.base.fit_support`).
     """
-    from .detectors import fit_support
+    from ..detectors.base import fit_support
 
     eps = proxy_episodes(ps.classes, n_episodes, n_known, n_unknown, seed)
     det = make_detector()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-from ._common import add_detector_options, detector_factory, write_json
+from .common import add_detector_options, detector_factory, write_json
 
 
 def add_parser(sub, name):
-    from ..benchmark import SETTINGS
+    from ..evaluation.settings import SETTINGS
 
     p = sub.add_parser(
         name,
@@ -47,7 +47,7 @@ def add_parser(sub, name):
 
 
 def _print_list(data_root, lists_dir) -> None:
-    from ..benchmark import SETTINGS, setting_summary
+    from ..evaluation.settings import SETTINGS, setting_summary
 
     check = data_root is not None and os.path.isdir(data_root)
     head = "| setting | targets | #support | #test | known | unknown |"
@@ -82,7 +82,7 @@ def _print_list(data_root, lists_dir) -> None:
 
 
 def run(args) -> int:
-    from ..benchmark import format_table, get_setting, run_benchmark
+    from ..evaluation.settings import format_table, get_setting, run_benchmark
 
     data_root = args.data_root or os.environ.get("RESEND_DATA") or None
     if args.list or not args.setting:

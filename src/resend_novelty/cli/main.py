@@ -10,8 +10,8 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
-from .data import DataError
+from .. import __version__
+from ..data.images import DataError
 
 # sub-command name -> module under resend_novelty.commands
 COMMANDS = {
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module in COMMANDS.items():
-        mod = importlib.import_module(f".commands.{module}", __package__)
+        mod = importlib.import_module(f".{module}", __package__)
         p = mod.add_parser(sub, name)
         p.set_defaults(_run=mod.run)
     return parser

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .data import DataError, ImageRecord, read_list_file, resolve_list_path
+from ..data.images import DataError, ImageRecord, read_list_file, resolve_list_path
 from .metrics import closed_set_accuracy, novelty_report
 
 __all__ = [
@@ -419,7 +419,7 @@ def run_benchmark(
     ``{"setting", "targets": {name: metrics}, "avg": {"auroc", "fpr95"}, "seconds"}`` (plus
     ``"max_per_class"`` when set).
     """
-    from .detectors import fit_support
+    from ..detectors.base import fit_support
 
     if isinstance(setting, str):
         setting = get_setting(setting)

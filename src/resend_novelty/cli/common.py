@@ -9,9 +9,9 @@ from pathlib import Path
 
 
 def add_detector_options(p: argparse.ArgumentParser) -> None:
-    from ..detectors import DETECTORS
+    from ..detectors.base import DETECTORS
 
-    from ..baselines import METHOD_HELP, add_baseline_options
+    from ..detectors.baselines import METHOD_HELP, add_baseline_options
 
     p.add_argument(
         "--method", default="resend", choices=sorted(DETECTORS),
@@ -70,10 +70,10 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
 
 def detector_factory(args):
     """A function returning a fresh detector configured from the CLI options."""
-    from ..backbones import build_backbone
-    from ..cache import FeatureCache
-    from ..checkpoint import load_checkpoint
-    from ..detectors import build_detector
+    from ..backbones.base import build_backbone
+    from ..features.cache import FeatureCache
+    from ..models.checkpoint import load_checkpoint
+    from ..detectors.base import build_detector
 
     cache = False if args.no_cache else FeatureCache(args.cache_dir) if args.cache_dir else True
     model = None
@@ -96,7 +96,7 @@ def detector_factory(args):
         num_workers=args.workers, progress=not args.quiet,
     )
 
-    from ..baselines import baseline_kwargs
+    from ..detectors.baselines import baseline_kwargs
 
     common.update(baseline_kwargs(args))
 

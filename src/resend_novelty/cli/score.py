@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-from ._common import add_detector_options, detector_factory
+from .common import add_detector_options, detector_factory
 
 
 def _tpr(value: str) -> float:
@@ -55,7 +55,7 @@ def add_parser(sub, name):
 def run(args) -> int:
     import sys
 
-    from ..report import score_folders, write_report
+    from ..report.result import score_folders, write_report
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

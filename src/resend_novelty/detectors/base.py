@@ -11,7 +11,7 @@ Every detector follows the same protocol::
     pred = det.predict(test)          # uses det.threshold_
 
 ``fit``/``score``/``predict`` accept image paths, a class-folder directory, an
-:class:`~resend_novelty.data.ImageDataset`, a DataLoader of ``(images, labels)``, a tensor of
+:class:`~resend_novelty.data.images.ImageDataset`, a DataLoader of ``(images, labels)``, a tensor of
 preprocessed images, or PIL images. ``fit_features``/``score_features``/``predict_features`` take
 cached backbone features, so that the backbone runs once and many detectors reuse its output.
 
@@ -39,12 +39,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import Backbone, build_backbone
-from .cache import FeatureCache
-from .data import IMAGE_EXTENSIONS, DataError, ImageDataset, list_images, scan_class_folders
-from .domain_norm import as_mode, domain_statistics, normalize, normalize_by_domain
-from .features import check_features, default_device, extract_features
-from .model import RelationalModule
+from ..backbones.base import Backbone, build_backbone
+from ..features.cache import FeatureCache
+from ..data.images import IMAGE_EXTENSIONS, DataError, ImageDataset, list_images, scan_class_folders
+from ..transforms.domain_norm import as_mode, domain_statistics, normalize, normalize_by_domain
+from ..features.extract import check_features, default_device, extract_features
+from ..models.relational import RelationalModule
 
 __all__ = [
     "UNKNOWN",
@@ -639,7 +639,7 @@ class ReSeNDDetector(PrototypeDetector):
         if isinstance(model, RelationalModule):
             self.model = model
         else:
-            from .checkpoint import load_checkpoint
+            from ..models.checkpoint import load_checkpoint
 
             self.model = load_checkpoint(model)
         kwargs.setdefault("backbone", self.model.config.backbone)
@@ -652,7 +652,7 @@ class ReSeNDDetector(PrototypeDetector):
                 f"not {bb_name!r}"
             )
         self.chunk_pairs = chunk_pairs
-        from .model import NORMALITIES
+        from ..models.relational import NORMALITIES
 
         self.normality = normality or getattr(self.model.config, "normality", "softmax")
         if self.normality not in NORMALITIES:

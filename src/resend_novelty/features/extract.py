@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .backbones import Backbone, BackboneEnsemble
+from ..backbones.base import Backbone, BackboneEnsemble
 from .cache import FeatureCache, image_key
-from .data import DataError, load_image
+from ..data.images import DataError, load_image
 
 __all__ = ["extract_features", "check_features", "default_device"]
 
@@ -69,7 +69,7 @@ def check_features(features: torch.Tensor, what: str = "features") -> torch.Tens
 def _member_transform(transform: Callable | None, member: Backbone) -> Callable | None:
     """The ensemble member's version of ``transform``: a stylised view is rebuilt on the member's
     own preprocessing; other custom transforms cannot be split per member."""
-    from .augment import DomainShiftView
+    from ..data.augment import DomainShiftView
 
     if transform is None:
         return None

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .model import RelationalConfig, RelationalModule, build_relational
+from .relational import RelationalConfig, RelationalModule, build_relational
 
 __all__ = [
     "save_checkpoint",

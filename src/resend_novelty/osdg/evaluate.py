@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataError, load_image
-from .detectors import fit_support
-from .metrics import auroc as _auroc
-from .metrics import closed_set_accuracy, h_score
+from ..data.images import DataError, load_image
+from ..detectors.base import fit_support
+from ..evaluation.metrics import auroc as _auroc
+from ..evaluation.metrics import closed_set_accuracy, h_score
 
 __all__ = [
     "default_normalization",
@@ -78,8 +78,8 @@ def default_normalization(method: str, model=None) -> str:
     path, or None for the shipped checkpoint."""
     if method != "resend":
         return "zscore"
-    from .checkpoint import load_checkpoint
-    from .model import RelationalModule
+    from ..models.checkpoint import load_checkpoint
+    from ..models.relational import RelationalModule
 
     m = model if isinstance(model, RelationalModule) else load_checkpoint(model)
     return "none" if getattr(m.config, "normality", "softmax") == "softmax" else "zscore"
@@ -625,7 +625,7 @@ def run_osdg_benchmark(
 
     from tqdm import tqdm
 
-    from .benchmark import get_setting, load_setting_lists
+    from ..evaluation.settings import get_setting, load_setting_lists
 
     if isinstance(setting, str):
         setting = get_setting(setting)
