@@ -1,7 +1,10 @@
-"""Write a named section of BENCHMARKS.md (between <!-- BEGIN name --> / <!-- END name --> markers).
+"""Shared by the benchmark scripts: write a named section of BENCHMARKS.md (between
+<!-- BEGIN name --> / <!-- END name --> markers, :func:`resend_novelty.report.update_section`)
+and describe the machine a number was measured on.
 
 Every benchmark script owns its sections, so scripts can be rerun in any order without
-clobbering each other's numbers.
+clobbering each other's numbers. Scripts run as ``python benchmarks/NAME.py``, which puts this
+folder on ``sys.path``: ``from _report import ...`` needs nothing more.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import re
 import subprocess
 from pathlib import Path
 
+import torch
+
+from resend_novelty.report import update_section as write_section
+
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
 def machine() -> str:
-    import torch
-
+    """The accelerator (or CPU core count), CPU model and torch version of this machine."""
     if torch.cuda.is_available():
         dev = torch.cuda.get_device_name(0)
     else:
@@ -32,13 +38,5 @@ def machine() -> str:
 
 
 def update_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    block = f"{begin}\n{markdown.strip()}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda m: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Replace (or append) section ``name`` of BENCHMARKS.md (or ``path``) with ``markdown``."""
+    write_section(name, markdown, path)

@@ -16,16 +16,17 @@ Writes the ``backbones`` section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, update_section
 
-from _report import machine, update_section  # noqa: E402
+from resend_novelty.backbones import build_backbone
+from resend_novelty.detectors import build_detector
+from resend_novelty.evaluation import evaluate_proxy, load_proxy_set, run_benchmark
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-             # ensembles: concatenated features (resend_novelty.backbones.base.BackboneEnsemble)
+             # ensembles: concatenated features (resend_novelty.backbones.BackboneEnsemble)
              "efficientnet_lite0+efficientnet_lite1", "efficientnet_lite1+efficientnet_lite2",
              "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2")
 RULES = [  # (label, method, detector kwargs); the second one is what the shipped model computes
@@ -51,11 +52,6 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for decoding")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
-
-    from resend_novelty.backbones.base import build_backbone
-    from resend_novelty.evaluation.settings import run_benchmark
-    from resend_novelty.detectors.base import build_detector
-    from resend_novelty.evaluation.proxy import evaluate_proxy, load_proxy_set
 
     t_all = time.perf_counter()
     head = ["| backbone | rule | proxy multi | proxy single | proxy mean | PACS multi AUROC / FPR95 "

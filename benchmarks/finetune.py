@@ -28,9 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, update_section
 
-from _report import machine, update_section  # noqa: E402
+from resend_novelty.backbones import build_backbone
+from resend_novelty.detectors import ReSeNDDetector, build_detector
+from resend_novelty.evaluation import evaluate_proxy, load_proxy_set, run_benchmark
+from resend_novelty.models import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 FROZEN, TUNED = "efficientnet_lite0+efficientnet_lite1", "efficientnet_lite0_ft+efficientnet_lite1_ft"
@@ -62,11 +65,6 @@ def main(argv=None) -> int:
                    help="only measure the PACS numbers into --results (no section)")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
-
-    from resend_novelty.backbones.base import build_backbone
-    from resend_novelty.models.checkpoint import load_checkpoint
-    from resend_novelty.detectors.base import ReSeNDDetector, build_detector
-    from resend_novelty.evaluation.proxy import evaluate_proxy, load_proxy_set
 
     t_all = time.perf_counter()
     log = json.loads(Path(args.log).read_text())
@@ -283,9 +281,6 @@ def main(argv=None) -> int:
 
 
 def _pacs(args, rules, measured) -> dict:
-    from resend_novelty.backbones.base import build_backbone
-    from resend_novelty.evaluation.settings import run_benchmark
-
     pacs = {}
     for bb_name in (FROZEN, TUNED):
         for rule, make in rules.items():

@@ -19,9 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, update_section
 
-from _report import machine, update_section  # noqa: E402
+from resend_novelty.backbones import build_backbone
+from resend_novelty.detectors import build_detector
+from resend_novelty.evaluation import get_setting
+from resend_novelty.features import extract_features
+from resend_novelty.models import load_checkpoint
+from resend_novelty.osdg import default_normalization, run_osdg_benchmark
 
 SETTINGS = ("pacs-multi", "pacs-single")
 
@@ -47,13 +52,6 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = p.parse_args(argv)
-
-    from resend_novelty.backbones.base import build_backbone
-    from resend_novelty.evaluation.settings import get_setting
-    from resend_novelty.models.checkpoint import load_checkpoint
-    from resend_novelty.detectors.base import build_detector
-    from resend_novelty.features.extract import extract_features
-    from resend_novelty.osdg.evaluate import default_normalization, run_osdg_benchmark
 
     t_all = time.perf_counter()
     clf_bb = build_backbone("efficientnet_lite0")

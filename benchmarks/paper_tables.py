@@ -10,15 +10,15 @@ regenerates every table (sections ``paper-table2``, ``paper-table3``, ``paper-ta
   be loaded - otherwise the row says why).
 - **Table 3** - fine-tuning based OOD detectors with the paper's budget rule (head-only
   fine-tuning on cached features for the time ReSeND takes on the same target: see
-  ``resend_novelty.detectors.baselines``), and Mahalanobis / Gram without fine-tuning.
+  ``resend_novelty.detectors``), and Mahalanobis / Gram without fine-tuning.
 - **Table 5** - the relational module against hand-designed aggregations (Max, Sum, Concat + MLP
   of similar size), all trained with the same recipe and data.
 - **Fig. 5** - MSE vs BCE pretraining loss.
 
 Ablation models are trained on ``DATA/tiny_imagenet_200/train`` with the recipe of
-``runs/CHOSEN_CONFIG.json`` (a config of benchmarks/pretrain_ablation.py) if that file exists,
-else the shipped model's recipe (benchmarks/shipped_config.json), else pretrain_ablation's BASE
-with ``style_views=24``; trained models are kept under ``--out`` (one folder per recipe) and
+``runs/CHOSEN_CONFIG.json`` (a recipe of ``resend_novelty.training.recipe_names()``, those of
+benchmarks/pretrain_ablation.py) if that file exists, else the shipped model's recipe
+(``resend_novelty.training.shipped_recipe()``); trained models are kept under ``--out`` (one folder per recipe) and
 reused. The ``resend`` rows use the shipped checkpoint when the package has one, else the
 transformer trained here. All numbers are measured by this script; the paper's numbers appear
 only where they are known for certain (ReSeND's PACS averages).
@@ -32,9 +32,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, update_section
 
-from _report import machine, update_section  # noqa: E402
+from resend_novelty.backbones import build_backbone
+from resend_novelty.detectors import build_detector
+from resend_novelty.evaluation import get_setting, run_benchmark
+from resend_novelty.models import CheckpointError, default_checkpoint_path, load_checkpoint
+from resend_novelty.training import TrainConfig, load_recipe, recipe_names, shipped_recipe, train
 
 SETTINGS = ("pacs-multi", "pacs-single")
 ABLATIONS = ("transformer", "max", "sum", "concat")
@@ -42,46 +46,37 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------ training
-def recipe(chosen_file: Path, shipped_file: Path | None = None) -> tuple[str, dict]:
+def recipe(chosen_file: Path) -> tuple[str, dict]:
     """(description, TrainConfig overrides) of the pretraining recipe used for the ablations.
 
-    ``chosen_file`` (runs/CHOSEN_CONFIG.json) if it exists, else the recipe of the shipped
-    checkpoint (``shipped_file``: benchmarks/shipped_config.json, ``{"name", "overrides"}``), else
-    pretrain_ablation's BASE with ``style_views=24``.
+    ``chosen_file`` (runs/CHOSEN_CONFIG.json: ``{"name": RECIPE}`` or ``{"config": {...}}``) if
+    it exists, else the recipe of the shipped checkpoint
+    (:func:`resend_novelty.training.shipped_recipe`: a recipe name and its overrides).
     """
-    import pretrain_ablation as pa
-
-    if not chosen_file.is_file() and shipped_file is not None and shipped_file.is_file():
-        spec = json.loads(shipped_file.read_text())
-        if spec.get("name") not in pa.CONFIGS:
-            raise SystemExit(f"{shipped_file}: config {spec.get('name')!r} is not in "
-                             "benchmarks/pretrain_ablation.py")
-        kw = json.loads(json.dumps(pa.CONFIGS[spec["name"]]))
-        over = dict(spec.get("overrides", {}))
-        kw["model"] = {**kw.get("model", {}), **over.pop("model", {})}  # merged, not replaced
-        kw.update(over)
-        return f"`{spec['name']}`, the shipped model's recipe (benchmarks/{shipped_file.name})", kw
-    if chosen_file.is_file():
-        spec = json.loads(chosen_file.read_text())
-        if isinstance(spec, str):
-            spec = {"name": spec}
-        name = spec.get("name") or (spec.get("config") if isinstance(spec.get("config"), str) else None)
-        if name is not None:
-            if name not in pa.CONFIGS:
-                raise SystemExit(f"{chosen_file}: config {name!r} is not one of {list(pa.CONFIGS)}")
-            return f"`{name}` (from {chosen_file.name})", json.loads(json.dumps(pa.CONFIGS[name]))
-        if isinstance(spec.get("config"), dict):
-            return f"config of {chosen_file.name}", spec["config"]
-        raise SystemExit(f"{chosen_file}: expected {{'name': CONFIG}} or {{'config': {{...}}}}")
-    return "pretrain_ablation BASE + style_views=24", pa.cfg(style_views=24)
+    if not chosen_file.is_file():
+        spec = shipped_recipe()
+        if spec.get("name") not in recipe_names():
+            raise SystemExit(f"the shipped recipe {spec.get('name')!r} is not one of the "
+                             "package's recipes (resend_novelty.training.recipe_names())")
+        kw = load_recipe(spec["name"], spec.get("overrides", {}))  # a model dict is merged
+        return (f"`{spec['name']}`, the shipped model's recipe "
+                "(resend_novelty.training.shipped_recipe)"), kw
+    spec = json.loads(chosen_file.read_text())
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    name = spec.get("name") or (spec.get("config") if isinstance(spec.get("config"), str) else None)
+    if name is not None:
+        if name not in recipe_names():
+            raise SystemExit(f"{chosen_file}: config {name!r} is not one of {recipe_names()}")
+        return f"`{name}` (from {chosen_file.name})", load_recipe(name)
+    if isinstance(spec.get("config"), dict):
+        return f"config of {chosen_file.name}", spec["config"]
+    raise SystemExit(f"{chosen_file}: expected {{'name': CONFIG}} or {{'config': {{...}}}}")
 
 
 def train_variant(name: str, overrides: dict, arch: str, loss: str, data_root: Path, out: Path,
                   quiet: bool) -> dict:
     """Train (or reuse) one relational model; returns {"path", "val", "seconds", "params"}."""
-    from resend_novelty.models.checkpoint import load_checkpoint
-    from resend_novelty.training.loop import TrainConfig, train
-
     import hashlib
 
     kw = json.loads(json.dumps(overrides))
@@ -115,9 +110,6 @@ def train_variant(name: str, overrides: dict, arch: str, loss: str, data_root: P
 def evaluate(method: str, setting: str, data_root, *, backbone=None, model=None,
              max_per_class: int | None = None, **kw) -> dict:
     """run_benchmark for one method; adds wall time and the per-target fine-tuning info."""
-    from resend_novelty.evaluation.settings import run_benchmark
-    from resend_novelty.detectors.base import build_detector
-
     dets = []
 
     def make():
@@ -142,7 +134,6 @@ def table(rows: list[tuple[str, dict | str, str]], setting: str, paper_col: str,
           extra_head: str = "", official: bool = True) -> list[str]:
     """rows: (label, result or reason-not-run, extra cell); ``official=False``: a subset (no
     paper numbers)."""
-    from resend_novelty.evaluation.settings import get_setting
 
     s = get_setting(setting)
     targets = [t.name for t in s.targets]
@@ -204,9 +195,6 @@ def main(argv=None) -> int:
         " --skip-gram" if args.skip_gram else "") + (
         f" --gram-max-per-class {args.gram_max_per_class}" if args.gram_max_per_class else "")
 
-    from resend_novelty.backbones.base import build_backbone
-    from resend_novelty.models.checkpoint import CheckpointError, default_checkpoint_path, load_checkpoint
-
     data_root = Path(args.data_root)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,8 +208,7 @@ def main(argv=None) -> int:
 
     # ---- relational models: ablations (always trained, needed for Table 5 / Fig. 5 and as
     # the fallback ReSeND model) and the shipped checkpoint
-    desc, rec = recipe(REPO / "runs" / "CHOSEN_CONFIG.json",
-                       REPO / "benchmarks" / "shipped_config.json")
+    desc, rec = recipe(REPO / "runs" / "CHOSEN_CONFIG.json")
     base_loss = rec.get("loss", "mse")
     other_loss = "bce" if base_loss == "mse" else "mse"
     variants = {a: (a, base_loss) for a in ABLATIONS}

@@ -1,6 +1,7 @@
 """What moves the number: pretraining ablations of the relational model (issue 4).
 
-Each named configuration is pretrained (frozen EfficientNet-Lite0 features of the Tiny-ImageNet
+Each named recipe of the package (``resend_novelty.training.recipe_names()``, stored in
+``src/resend_novelty/training/recipes.json``) is pretrained (frozen EfficientNet-Lite0 features of the Tiny-ImageNet
 reference set, no PACS anywhere in training or selection), then reported with
 
 - ``val``: the validation AUROC on held-out Tiny-ImageNet classes (photo prototypes, test items
@@ -21,108 +22,22 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, update_section
 
-from _report import machine, update_section  # noqa: E402
+from resend_novelty.backbones import build_backbone
+from resend_novelty.detectors import ReSeNDDetector
+from resend_novelty.evaluation import evaluate_proxy, load_proxy_set, run_benchmark
+from resend_novelty.models import load_checkpoint
+from resend_novelty.training import (TrainConfig, base_recipe, load_recipe,
+                                     load_reference_features, recipe_names, split_validation,
+                                     train, validation_auroc)
 
-# name -> (description, TrainConfig overrides)
-BASE = dict(steps=400, batch_pairs=512, lr=5e-4, warmup=40, optimizer="adamw", loss="mse",
-            val_classes=30, val_every=50, checkpoint_every=100, max_per_class=50,
-            model={"dim": 128, "depth": 4, "heads": 4, "input_norm": "l2"})
-
-
-def cfg(**kw):
-    out = json.loads(json.dumps(BASE))
-    model = kw.pop("model", {})
-    out.update(kw)
-    out["model"].update(model)
-    return out
-
-
-CONFIGS = {
-    "paper-like (no norm, no aug)": cfg(model={"input_norm": "none"}),
-    "l2": cfg(),
-    "l2 + input dropout 0.5": cfg(model={"input_dropout": 0.5}),
-    "l2 + views": cfg(style_views=24),
-    "l2 + views + input dropout 0.5": cfg(style_views=24, model={"input_dropout": 0.5}),
-    "l2 + views + prototype partners (8)": cfg(style_views=24, partner_set=8),
-    "l2 + views + proto partners (8) + drop 0.5": cfg(style_views=24, partner_set=8,
-                                                      model={"input_dropout": 0.5}),
-    "l2 + views + proto (8) + drop 0.5, bce": cfg(style_views=24, partner_set=8, loss="bce",
-                                                  model={"input_dropout": 0.5}),
-    "l2 + views + proto (8) + drop 0.5, 4 neg": cfg(style_views=24, partner_set=8, neg_per_pos=4,
-                                                    model={"input_dropout": 0.5}),
-    "l2 + views + proto (8) + drop 0.5, d256": cfg(style_views=24, partner_set=8,
-                                                   model={"input_dropout": 0.5, "dim": 256}),
-    "l2 + views + proto (8) + drop 0.5, LARS 0.008": cfg(style_views=24, partner_set=8,
-                                                         optimizer="lars", lr=0.008, warmup=100,
-                                                         weight_decay=5e-5,
-                                                         model={"input_dropout": 0.5}),
-    "cosine skip": cfg(model={"cosine_skip": True}),
-    "cosine skip + proto (8)": cfg(partner_set=8, model={"cosine_skip": True}),
-    "cosine skip + drop 0.5": cfg(model={"cosine_skip": True, "input_dropout": 0.5}),
-    "cosine skip + views": cfg(style_views=24, model={"cosine_skip": True}),
-    "cosine skip + views + proto (8)": cfg(style_views=24, partner_set=8,
-                                           model={"cosine_skip": True}),
-    "cosine skip + views + proto (8) + drop 0.5": cfg(style_views=24, partner_set=8,
-                                                      model={"cosine_skip": True,
-                                                             "input_dropout": 0.5}),
-    "centered + views": cfg(style_views=24, model={"center_features": True}),
-    "centered + cosine skip + views": cfg(style_views=24, model={"cosine_skip": True,
-                                                                 "center_features": True}),
-    "centered + cosine skip + views + proto (8)": cfg(style_views=24, partner_set=8,
-                                                      model={"cosine_skip": True,
-                                                             "center_features": True}),
-    "centered + cosine skip + views + proto (8) + drop 0.5": cfg(
-        style_views=24, partner_set=8,
-        model={"cosine_skip": True, "center_features": True, "input_dropout": 0.5}),
-    # session 2: checkpoint chosen on the synthetic domain-shift episodes (resend_novelty.evaluation.proxy)
-    "centered + cosine skip + views, proxy val": cfg(
-        style_views=24, val_protocol="proxy", model={"cosine_skip": True, "center_features": True}),
-    "standardized + cosine skip + views, proxy val": cfg(
-        style_views=24, val_protocol="proxy",
-        model={"cosine_skip": True, "standardize_features": True}),
-    "standardized + cosine skip + views, proxy val, lr 1e-4": cfg(
-        style_views=24, val_protocol="proxy", lr=1e-4,
-        model={"cosine_skip": True, "standardize_features": True}),
-    "standardized + cosine skip + views, proxy val, drop 0.3, wd 0.05": cfg(
-        style_views=24, val_protocol="proxy", weight_decay=0.05,
-        model={"cosine_skip": True, "standardize_features": True, "input_dropout": 0.3}),
-    "standardized + cosine skip + views, proxy val, d64 x2": cfg(
-        style_views=24, val_protocol="proxy",
-        model={"cosine_skip": True, "standardize_features": True, "dim": 64, "depth": 2}),
-    "standardized + cosine skip + views, proxy val, cross-domain 0.5": cfg(
-        style_views=24, val_protocol="proxy", cross_domain=0.5,
-        model={"cosine_skip": True, "standardize_features": True}),
-    # session 3: all 100 images of every training class (twice the reference photos)
-    "standardized + cosine skip + views, proxy val, 100 images/class": cfg(
-        style_views=24, val_protocol="proxy", max_per_class=100,
-        model={"cosine_skip": True, "standardize_features": True}),
-    # session 4: the shipped recipe on EfficientNet-Lite1 features (the backbone the proxy chose,
-    # section *Backbones*)
-    "standardized + cosine skip + views, proxy val, Lite1": cfg(
-        backbone="efficientnet_lite1", style_views=24, val_protocol="proxy",
-        model={"cosine_skip": True, "standardize_features": True}),
-    # session 4: on the concatenated features of Lite0 and Lite1 (2560-d; section *Backbones*)
-    "standardized + cosine skip + views, proxy val, Lite0+Lite1": cfg(
-        backbone="efficientnet_lite0+efficientnet_lite1", style_views=24, val_protocol="proxy",
-        model={"cosine_skip": True, "standardize_features": True}),
-    "standardized + cosine skip + views, proxy val, Lite0+Lite1, cross-domain 0.5": cfg(
-        backbone="efficientnet_lite0+efficientnet_lite1", style_views=24, val_protocol="proxy",
-        cross_domain=0.5, model={"cosine_skip": True, "standardize_features": True}),
-    # session 5: on Lite0+Lite1+Lite2 (3840-d), the ensemble the proxy ranks first (*Backbones*)
-    "standardized + cosine skip + views, proxy val, Lite0+Lite1+Lite2": cfg(
-        backbone="efficientnet_lite0+efficientnet_lite1+efficientnet_lite2", style_views=24,
-        val_protocol="proxy", model={"cosine_skip": True, "standardize_features": True}),
-}
+# name -> TrainConfig overrides (the recipes of the package: resend_novelty.training.load_recipe)
+CONFIGS = {name: load_recipe(name) for name in recipe_names()}
+BASE = base_recipe()
 
 
 def evaluate_pacs(model_path: str, data_root: str) -> dict:
-    from resend_novelty.backbones.base import build_backbone
-    from resend_novelty.evaluation.settings import run_benchmark
-    from resend_novelty.models.checkpoint import load_checkpoint
-    from resend_novelty.detectors.base import ReSeNDDetector
-
     model = load_checkpoint(model_path)
     bb = build_backbone(model.config.backbone)
     out = {}
@@ -137,19 +52,12 @@ def evaluate_pacs(model_path: str, data_root: str) -> dict:
 def common_validation(run_dir: str, data_root: str, _cache={}) -> float:
     """Validation AUROC of a run's best checkpoint under one protocol for all runs: the held-out
     classes with their stylised views (mean of in-domain and cross-domain AUROC)."""
-    import numpy as np  # noqa: F401
-
-    from resend_novelty.models.checkpoint import load_checkpoint
-    from resend_novelty.training.loop import (TrainConfig, load_reference_features, split_validation,
-                                      validation_auroc)
-
     m = load_checkpoint(Path(run_dir) / "best.safetensors")
     key = m.config.backbone  # features of the backbone the run was trained on
     if key not in _cache:
-        c = TrainConfig(data=str(Path(data_root) / "tiny_imagenet_200" / "train"),
-                        max_per_class=BASE["max_per_class"], style_views=24, workers=0,
-                        backbone=key)
-        ref = load_reference_features(c, progress=False)
+        ref = load_reference_features(str(Path(data_root) / "tiny_imagenet_200" / "train"), key,
+                                      max_per_class=BASE["max_per_class"], style_views=24,
+                                      workers=0, progress=False)
         _cache[key] = (ref, split_validation(ref.labels, BASE["val_classes"], 0)[1])
     ref, val = _cache[key]
     return float(validation_auroc(m, ref.features, ref.labels, ref.is_view, val, 0,
@@ -166,10 +74,6 @@ def proxy_score(run_dir, data_root: str, _cache={}) -> dict:
     """The best checkpoint on the synthetic domain-shift episodes of held-out Tiny-ImageNet classes
     (resend_novelty.evaluation.proxy, PROXY_EPISODES episodes): multi/single average AUROC and their mean - the
     selection criterion of session 2 (PACS never used)."""
-    from resend_novelty.models.checkpoint import load_checkpoint
-    from resend_novelty.detectors.base import ReSeNDDetector
-    from resend_novelty.evaluation.proxy import evaluate_proxy, load_proxy_set
-
     m = load_checkpoint(Path(run_dir) / "best.safetensors")
     key = m.config.backbone  # features of the backbone the run was trained on
     if key not in _cache:
@@ -224,8 +128,8 @@ def table(rows: list[dict], command: str) -> str:
               "0.733 / 0.722, on Lite0+Lite1+Lite2 0.730 / 0.760 (sections *PACS* and *Backbones*). The "
               "shipped checkpoint (session 4) is the recipe `standardized + cosine skip + views, "
               "proxy val, Lite0+Lite1` with the max-logit normality "
-              "(benchmarks/shipped_config.json): PACS 0.743 / 0.835 multi, 0.734 / 0.900 single with "
-              "one prototype per class; with the session-5 default scoring (hybrid support "
+              "(src/resend_novelty/training/shipped_recipe.json): PACS 0.743 / 0.835 multi, "
+              "0.734 / 0.900 single with one prototype per class; with the session-5 default scoring (hybrid support "
               "references, section *Support images as class references*) 0.764 / 0.769. "
               "Until session 3 it was the same recipe on Lite0 (0.687 / 0.883, 0.698 / 0.890). "
               "Runs of session 1 were scored on PACS with the "
@@ -298,8 +202,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override steps of every config")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = p.parse_args(argv)
-
-    from resend_novelty.training.loop import TrainConfig, train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

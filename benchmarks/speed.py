@@ -21,9 +21,9 @@ c. Pretraining pairs/s: frozen-backbone mode on a synthetic .safetensors feature
    end-to-end mode (``TrainConfig(frozen_backbone=False)``) on a handful of PACS images given as
    a list file. A 1-step warm-up run precedes each timed run.
 d. Wall time of the 7 PACS targets (pacs-multi 4 + pacs-single 3) through
-   ``benchmark.run_benchmark`` from images, with the cosine and the resend method. ``--cold``
-   first runs them with a fresh, empty ``RESEND_CACHE`` (full extraction of every image), then
-   again warm; without it only the existing cache is used (its coverage is reported).
+   ``resend_novelty.evaluation.run_benchmark`` from images, with the cosine and the resend
+   method. ``--cold`` first runs them with a fresh, empty ``RESEND_CACHE`` (full extraction of
+   every image), then again warm; without it only the existing cache is used (its coverage is reported).
    ``--features-file F`` (from ``resend features DIR --export F``) replaces images and cache by
    exported features (for a machine that has the lists but not the images).
 
@@ -37,23 +37,48 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import BENCHMARKS_MD, machine
 
-from _report import BENCHMARKS_MD, machine, update_section  # noqa: E402
+from resend_novelty.backbones import build_backbone
+from resend_novelty.data import list_images, load_image
+from resend_novelty.detectors import ReSeNDDetector, build_detector
+from resend_novelty.evaluation import get_setting, load_setting_lists, run_benchmark
+from resend_novelty.features import FeatureCache, extract_features, image_key
+from resend_novelty.models import (
+    SHIPPED_NAME,
+    CheckpointError,
+    RelationalConfig,
+    RelationalModule,
+    default_checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+    sdpa_attention,
+)
+from resend_novelty.report import (
+    PeakMemory,
+    batched_macs,
+    features_file_lookup,
+    gemm_gflops,
+    loop_macs,
+    section_parts,
+    sync_device,
+    torch_threads,
+    write_section_parts,
+)
+from resend_novelty.training import TrainConfig, train
 
 PARTS = ("a", "b", "c", "d")
+PART_LABEL = "speed part"  # BENCHMARKS.md: "<!-- speed part a -->" opens part a of the section
 PART_TITLES = {
     "a": "(a) Relational scoring: batched vs one test image at a time",
     "b": "(b) Feature extraction (EfficientNet-Lite0, no cache)",
@@ -62,93 +87,11 @@ PART_TITLES = {
 }
 
 
-# --------------------------------------------------------------------------- measurement helpers
-def _current_rss() -> int | None:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        pass
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class Peak:
-    """Peak RSS of this process (sampled every ``interval`` s) and peak GPU memory in a block.
-
-    Where the current RSS cannot be read, falls back to ``ru_maxrss`` (peak of the process so
-    far, not of the block).
-    """
-
-    def __init__(self, device: torch.device, interval: float = 0.02):
-        self.device, self.interval = device, interval
-        self.rss_mb: float | None = None
-        self.gpu_mb: float | None = None
-
-    def __enter__(self):
-        self._peak = _current_rss()
-        self.start_mb = None if self._peak is None else self._peak / 2**20
-        self._stop = threading.Event()
-        if self._peak is not None:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(self.interval):
-            rss = _current_rss()
-            if rss is not None and rss > self._peak:
-                self._peak = rss
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.gpu_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        self._stop.set()
-        if self._peak is not None:
-            self._thread.join()
-            rss = _current_rss()
-            self.rss_mb = max(self._peak, rss or 0) / 2**20
-        else:  # ru_maxrss: KiB on Linux
-            self.rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return False
-
-    def json(self) -> dict:
-        return {"peak_rss_mb": self.rss_mb, "start_rss_mb": self.start_mb, "peak_gpu_mb": self.gpu_mb}
-
-
+# --------------------------------------------------------------------------- formatting
 def rss_cell(r: dict) -> str:
     """Peak RSS, with the RSS at the start of the measurement (memory the process already held)."""
     start = r.get("start_rss_mb")
     return f"{r['peak_rss_mb']:.0f}" + ("" if start is None else f" (start {start:.0f})")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class threads:
-    """Temporarily set torch's intra-op thread count (None: unchanged)."""
-
-    def __init__(self, n: int | None):
-        self.n = n
-
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        if self.n:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
-        return False
 
 
 # --------------------------------------------------------------------------- part a
@@ -169,45 +112,26 @@ def reference_loop_scores(model, prototypes: torch.Tensor, test: torch.Tensor,
     return out
 
 
-def loop_macs(c: dict) -> float:
-    """Multiply-adds of one pair in the official loop: two projections, full blocks."""
-    d, r = c["dim"], c.get("mlp_ratio", 4.0)
-    return 2 * c["feature_dim"] * d + 3 * c["depth"] * (4 + 2 * r) * d * d
-
-
-def batched_macs(c: dict) -> float:
-    """Multiply-adds of one pair in ``pairwise_logits`` (projections counted per image apart):
-    first block without q/k/v (shared per image), last block for the label token only."""
-    d, r, depth = c["dim"], c.get("mlp_ratio", 4.0), c["depth"]
-    if depth == 1:
-        return (1 + 2 * r) * d * d
-    return (3 * (1 + 2 * r) + 3 * (depth - 2) * (4 + 2 * r) + (8 + 2 * r)) * d * d
-
-
-def gemm_gflops(dim: int, device: torch.device, rows: int = 12288) -> float:
-    """Measured rate of a large fp32 matrix product of the scorer's shape (best of 5)."""
-    a = torch.randn(rows, dim, device=device)
-    w = torch.randn(dim, 4 * dim, device=device)
-    a @ w
-    best = float("inf")
-    for _ in range(5):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ w
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * rows * dim * 4 * dim / best / 1e9
-
-
 REPEATS = 3  # part a: every scorer is timed REPEATS times, the fastest run is reported
 
 
-def _sdpa_attention(q, k, v, heads):
-    """The attention of the batched scorer before session 3 (SDPA), for the comparison row."""
-    import torch.nn.functional as F
+class _GenericRelate(RelationalModule):
+    """The relational module scored pair by pair: a subclass with its own ``relate`` (the same
+    function) makes ``pairwise_logits`` take the generic path, without the shared work."""
 
-    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    def relate(self, z_i, z_j):
+        return super().relate(z_i, z_j)
+
+
+def _variant(model: RelationalModule, device: torch.device, attention=None,
+             generic: bool = False) -> RelationalModule:
+    """A copy of ``model`` (same weights and scoring) with another attention function of the
+    shared-work path, or scored pair by pair (``generic``), for the comparison rows."""
+    cls = _GenericRelate if generic else RelationalModule
+    kw = {} if attention is None else {"attention": attention}
+    m = cls(model.config, model.scoring, **kw)
+    m.load_state_dict(model.state_dict())
+    return m.eval().to(device)
 
 
 def part_a(device: torch.device, n_test: int = 2048, n_protos: int = 6, loop_n: int = 200,
@@ -217,11 +141,6 @@ def part_a(device: torch.device, n_test: int = 2048, n_protos: int = 6, loop_n: 
 
     ``model``: a RelationalModule to time instead of a fresh default one (``config``).
     """
-    import resend_novelty.models.relational as model_module
-    from resend_novelty.detectors.base import ReSeNDDetector
-    from resend_novelty.models.relational import RelationalConfig, RelationalModule
-
-    short_attention = model_module._short_attention
     torch.manual_seed(seed)
     model_note = "the given model"
     if model is None:
@@ -235,62 +154,58 @@ def part_a(device: torch.device, n_test: int = 2048, n_protos: int = 6, loop_n: 
     test = torch.rand(n_test, cfg.feature_dim, generator=g)
     # center=False: the loop below scores raw features, so the batched scorer must too;
     # neighbors=0: one prototype per class, as in the loop (whatever the checkpoint's default)
-    det = ReSeNDDetector(model=model, backbone=None, device=device, progress=False,
-                         chunk_pairs=chunk_pairs, center=False, neighbors=0)
-    det.fit_features(protos, np.arange(n_protos))
+    def detector(m):
+        d = ReSeNDDetector(model=m, backbone=None, device=device, progress=False,
+                           chunk_pairs=chunk_pairs, center=False, neighbors=0)
+        return d.fit_features(protos, np.arange(n_protos))
+
+    det = detector(model)
     loop_n = max(1, min(loop_n, n_test))
     amp = device.type == "cuda"
     tol = 5e-2 if amp else 1e-4  # bf16 batched vs fp32 loop on GPU; both fp32 on CPU
     rows = []
     batched = loop = None
     for nt in thread_counts:
-        with threads(nt):
+        with torch_threads(nt):
             nthreads = torch.get_num_threads()
             det.score_features(test[: min(n_test, 64)])  # warm-up
             reference_loop_scores(model, protos, test[:2], device)
-            variants = [("batched", None)]
+            variants = [("batched", None, det)]
             if plain_row:
                 variants.append(("batched, SDPA for the 3-token attention (before session 3)",
-                                 "sdpa"))
-                variants.append(("batched, plain relate (no shared work)", False))
-            best = {label: float("inf") for label, _ in variants}
+                                 "sdpa", detector(_variant(model, device, attention=sdpa_attention))))
+                variants.append(("batched, plain relate (no shared work)", False,
+                                 detector(_variant(model, device, generic=True))))
+            best = {label: float("inf") for label, _, _ in variants}
             peaks: dict = {}
             for _ in range(REPEATS):  # interleaved, fastest run of each: no order effect
-                for label, fast in variants:
-                    if fast is False:
-                        model._fast_pairs = lambda: False  # instance override: generic relate
-                    if fast == "sdpa":
-                        model_module._short_attention = _sdpa_attention
-                    try:
-                        with Peak(device) as pk:
-                            _sync(device)
-                            t0 = time.perf_counter()
-                            scores = det.score_features(test)
-                            _sync(device)
-                            best[label] = min(best[label], time.perf_counter() - t0)
-                    finally:
-                        model.__dict__.pop("_fast_pairs", None)
-                        model_module._short_attention = short_attention
+                for label, fast, d in variants:
+                    with PeakMemory(device) as pk:
+                        sync_device(device)
+                        t0 = time.perf_counter()
+                        scores = d.score_features(test)
+                        sync_device(device)
+                        best[label] = min(best[label], time.perf_counter() - t0)
                     if fast is None:
                         batched = scores
                     old = peaks.get(label)
                     if old is None or (pk.rss_mb or 0) > (old.rss_mb or 0):
                         peaks[label] = pk
-            for label, fast in variants:
+            for label, fast, _ in variants:
                 tb = best[label]
                 rows.append({"variant": label, "threads": nthreads, "n_test": n_test,
                              "n_protos": n_protos, "seconds": tb, "ms_per_image": 1e3 * tb / n_test,
                              **peaks[label].json()})
                 if fast is None:
                     rows[-1]["gemm_gflops"] = gemm_gflops(cfg.dim, device)
-            with Peak(device) as pk:
+            with PeakMemory(device) as pk:
                 tl = float("inf")
                 for _ in range(REPEATS):
-                    _sync(device)
+                    sync_device(device)
                     t0 = time.perf_counter()
                     loop = reference_loop_scores(model, protos, test[:loop_n], device,
                                                  det.normality)
-                    _sync(device)
+                    sync_device(device)
                     tl = min(tl, time.perf_counter() - t0)
             per_img = tl / loop_n
             diff = float(np.abs(batched[:loop_n] - loop).max())
@@ -364,7 +279,6 @@ def format_a(res: dict, device: torch.device) -> str:
 
 # --------------------------------------------------------------------------- part b
 def pacs_subset(data_root: Path, n: int) -> list[str]:
-    from resend_novelty.data.images import list_images
 
     paths = list_images(Path(data_root) / "pacs")
     idx = np.linspace(0, len(paths) - 1, num=min(n, len(paths))).round().astype(int)
@@ -373,19 +287,15 @@ def pacs_subset(data_root: Path, n: int) -> list[str]:
 
 def part_b(device: torch.device, paths: list[str], batch_size: int = 64,
            workers: int | None = None, backbone_only_n: int = 128) -> dict:
-    from resend_novelty.backbones.base import build_backbone
-    from resend_novelty.data.images import load_image
-    from resend_novelty.features.extract import extract_features
-
     bb = build_backbone("efficientnet_lite0")
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     kw = dict(cache=False, batch_size=batch_size, num_workers=workers, device=device,
               progress=False)
     extract_features(bb, paths[: min(len(paths), 8)], **kw)  # warm-up (weights to device)
-    with Peak(device) as pk:
+    with PeakMemory(device) as pk:
         t0 = time.perf_counter()
         feats = extract_features(bb, paths, **kw)
-        _sync(device)
+        sync_device(device)
         t = time.perf_counter() - t0
     assert feats.shape == (len(paths), bb.feature_dim)
     out = {"n_images": len(paths), "batch_size": batch_size, "workers": workers, "seconds": t,
@@ -401,10 +311,10 @@ def part_b(device: torch.device, paths: list[str], batch_size: int = 64,
             for s in range(0, m, batch_size):
                 xb = x[s : s + batch_size].to(device, non_blocking=True)
                 model(xb.contiguous(memory_format=torch.channels_last))
-        _sync(device)
+        sync_device(device)
 
     run()  # warm-up
-    with Peak(device) as pk2:
+    with PeakMemory(device) as pk2:
         t0 = time.perf_counter()
         run()
         t2 = time.perf_counter() - t0
@@ -440,14 +350,13 @@ def _num(v: float) -> str:
 
 
 def _train_timed(cfg_kw: dict, out_dir: Path, device: torch.device) -> dict:
-    from resend_novelty.training.loop import TrainConfig, train
 
     common = dict(val_every=0, val_classes=0, checkpoint_every=10**9, workers=0,
                   device=str(device))
     warm = TrainConfig(**{**cfg_kw, **common, "steps": 1, "out": str(out_dir / "warmup")})
     train(warm, progress=False)
     cfg = TrainConfig(**{**cfg_kw, **common, "out": str(out_dir / "timed")})
-    with Peak(device) as pk:
+    with PeakMemory(device) as pk:
         t0 = time.perf_counter()
         s = train(cfg, progress=False)
         wall = time.perf_counter() - t0
@@ -462,7 +371,6 @@ def part_c(device: torch.device, data_root: Path | None, tmp: Path, steps: int =
            optimizer: str = "lars", modes=("frozen", "end-to-end"), feature_dim: int = 1280,
            model_cfg: dict | None = None) -> dict:
     """Timed pretraining runs; ``model_cfg``: RelationalConfig overrides (default: none)."""
-    from safetensors.torch import save_file
 
     model_cfg = dict(model_cfg or {})
 
@@ -502,7 +410,7 @@ def part_c(device: torch.device, data_root: Path | None, tmp: Path, steps: int =
 def format_c(r: dict, device: torch.device) -> str:
     gpu = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
     lines = [
-        f"`resend_novelty.training.loop.train`, default `RelationalConfig` (dim 256, depth 4), MSE loss, "
+        f"`resend_novelty.training.train`, default `RelationalConfig` (dim 256, depth 4), MSE loss, "
         f"device {device.type}" + (" with bf16 autocast" if device.type == "cuda" else ", fp32")
         + ". Pairs/s = the trainer's own rate over the timed run (after a separate 1-step "
         "warm-up run; includes the final checkpoint write).",
@@ -523,46 +431,7 @@ def format_c(r: dict, device: torch.device) -> str:
 
 
 # --------------------------------------------------------------------------- part d
-def features_file_lookup(path: str | Path):
-    """``features_fn(paths)`` for run_benchmark from an exported features file.
-
-    Exported paths are matched to the benchmark's paths by their trailing components (relative
-    to the common folder of the exported paths), so the file may come from another machine.
-    """
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-        feats = fh.get_tensor("features").float()
-    if "paths" not in meta:
-        raise ValueError(f"{path} has no 'paths' metadata: export it with `resend features --export`")
-    exported = [Path(p) for p in json.loads(meta["paths"])]
-    common = Path(os.path.commonpath([str(p) for p in exported])) if len(exported) > 1 else exported[0].parent
-    index, lengths = {}, set()
-    for i, p in enumerate(exported):
-        rel = p.relative_to(common).parts
-        index[rel] = i
-        lengths.add(len(rel))
-
-    def features_fn(paths):
-        rows = []
-        for p in paths:
-            parts = Path(p).parts
-            hit = next((index[parts[-n:]] for n in sorted(lengths) if parts[-n:] in index), None)
-            if hit is None:
-                raise KeyError(f"{p} is not in the features file {path}")
-            rows.append(hit)
-        return feats[rows]
-
-    features_fn.backbone = meta.get("backbone")  # name of the backbone of the export
-    return features_fn, feats.shape[0]
-
-
 def _cache_coverage(data_root: Path, backbone: str) -> tuple[int, int]:
-    from resend_novelty.backbones.base import build_backbone
-    from resend_novelty.evaluation.settings import load_setting_lists
-    from resend_novelty.features.cache import FeatureCache, image_key
-
     paths = set()
     for name in ("pacs-multi", "pacs-single"):
         for s, q in load_setting_lists(name, data_root).values():
@@ -579,12 +448,6 @@ def part_d(device: torch.device, data_root: Path, tmp: Path, cold: bool = False,
            features_file: str | None = None, max_per_class: int | None = None,
            progress: bool = True, chunk_pairs: int | None = None,
            model_path: str | None = None) -> dict:
-    from resend_novelty.backbones.base import build_backbone
-    from resend_novelty.evaluation.settings import get_setting, run_benchmark
-    from resend_novelty.models.checkpoint import CheckpointError, default_checkpoint_path, load_checkpoint, save_checkpoint
-    from resend_novelty.detectors.base import build_detector
-    from resend_novelty.models.relational import RelationalConfig, RelationalModule
-
     try:
         if model_path:
             model = load_checkpoint(model_path)
@@ -636,10 +499,10 @@ def part_d(device: torch.device, data_root: Path, tmp: Path, cold: bool = False,
                     kw = dict(max_per_class=max_per_class)
                     if features_fn is not None:
                         kw.update(features_fn=features_fn, check_images=False)
-                    with Peak(device) as pk:
+                    with PeakMemory(device) as pk:
                         t0 = time.perf_counter()
                         r = run_benchmark(name, data_root, make, progress=progress, **kw)
-                        _sync(device)
+                        sync_device(device)
                         wall = time.perf_counter() - t0
                     runs.append({"cache": p, "method": method, "setting": name,
                                  "targets": len(get_setting(name).targets), "wall_seconds": wall,
@@ -662,7 +525,8 @@ def format_d(r: dict, device: torch.device) -> str:
     src = ("exported features file (no images, no cache)" if r["features_file"]
            else f"images, {r.get('backbone', 'efficientnet_lite0')} features through the on-disk "
            "cache (both methods)")
-    lines = [f"`benchmark.run_benchmark` on pacs-multi (4 targets) and pacs-single (3 targets), "
+    lines = [f"`resend_novelty.evaluation.run_benchmark` on pacs-multi (4 targets) and "
+             f"pacs-single (3 targets), "
              f"device {device.type}; features from {src}. resend model: {r['model']}."]
     if r["coverage"] is not None:
         hit, tot = r["coverage"]
@@ -698,34 +562,14 @@ def format_d(r: dict, device: torch.device) -> str:
 
 
 # --------------------------------------------------------------------------- report
-def _existing_parts(section: str, path: Path = BENCHMARKS_MD) -> dict[str, str]:
-    if not path.exists():
-        return {}
-    text = path.read_text()
-    m = re.search(re.escape(f"<!-- BEGIN {section} -->") + r"(.*?)" + re.escape(f"<!-- END {section} -->"),
-                  text, flags=re.S)
-    if not m:
-        return {}
-    blocks = re.split(r"^<!-- speed part ([a-d]) -->\n", m.group(1), flags=re.M)
-    return {blocks[i]: blocks[i + 1].strip() for i in range(1, len(blocks) - 1, 2)}
-
-
 def write_report(section: str, new: dict[str, str], path: Path = BENCHMARKS_MD) -> str:
     """Write the parts in ``new`` into ``section``, keeping the other parts already there."""
-    parts = _existing_parts(section, path)
-    parts.update(new)
     head = ("## Speed (issue 8)\n\nEach part below is one run of `benchmarks/speed.py` (its command, "
             "machine and wall time under it); parts may come from different runs. Peak RSS = the "
             "main process's peak resident memory during the measurement (start = its RSS when the "
             "measurement began, i.e. memory it already held); GPU peak = "
             "`torch.cuda.max_memory_allocated`. See README.md, section Speed.")
-    body = [head]
-    for p in PARTS:
-        if p in parts:
-            body += [f"<!-- speed part {p} -->", parts[p]]
-    md = "\n\n".join(body)
-    update_section(section, md, path=path)
-    return md
+    return write_section_parts(section, new, path, PART_LABEL, PARTS, head)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -748,9 +592,10 @@ def main(argv=None) -> int:
     g.add_argument("--a-threads", type=int, nargs="+", default=None,
                    help="thread counts to repeat part a with (default: the run's threads, plus 1 "
                    "on CPU when that is more than 1)")
-    g.add_argument("--a-model", choices=("shipped", "default"), default="shipped",
+    g.add_argument("--a-model", default="shipped", metavar="shipped|default|CKPT",
                    help="model to time: the shipped checkpoint (what `--method resend` uses; "
-                   "default) or a randomly initialised default RelationalConfig (dim 256)")
+                   "default), a randomly initialised default RelationalConfig (dim 256), or a "
+                   "relational checkpoint file")
     g.add_argument("--chunk-pairs", type=int, default=None,
                    help="pairs per batched chunk (default: the detector's, 65536 GPU / 4096 CPU)")
     g = ap.add_argument_group("part b (feature extraction)")
@@ -766,6 +611,12 @@ def main(argv=None) -> int:
     g.add_argument("--e2e-steps", type=int, default=2, help="timed steps, end-to-end mode")
     g.add_argument("--e2e-batch", type=int, default=8, help="pairs per step, end-to-end mode")
     g.add_argument("--e2e-images", type=int, default=16, help="PACS photos in the end-to-end reference set")
+    g.add_argument("--train-classes", type=int, default=64,
+                   help="classes of the synthetic reference items, frozen mode")
+    g.add_argument("--train-feature-dim", type=int, default=1280,
+                   help="dimension of the synthetic features, frozen mode")
+    g.add_argument("--train-model", type=json.loads, default=None, metavar="JSON",
+                   help='RelationalConfig overrides, e.g. \'{"dim": 128}\' (default: none)')
     g.add_argument("--train-modes", nargs="+", choices=("frozen", "end-to-end"),
                    default=["frozen", "end-to-end"])
     g.add_argument("--optimizer", choices=("lars", "adamw"), default="lars",
@@ -791,7 +642,7 @@ def main(argv=None) -> int:
                     "a GPU machine wrote) into this one, and exit")
     args = ap.parse_args(argv)
     if args.merge_from:
-        parts = _existing_parts(args.section, Path(args.merge_from))
+        parts = section_parts(args.section, Path(args.merge_from), PART_LABEL)
         if not parts:
             ap.error(f"{args.merge_from} has no speed parts in section {args.section!r}")
         print(write_report(args.section, parts))
@@ -825,31 +676,29 @@ def main(argv=None) -> int:
                     if device.type == "cpu" and torch.get_num_threads() > 1:
                         tc.append(1)
                 a_model = None
-                if args.a_model == "shipped":
-                    from resend_novelty.models.checkpoint import load_checkpoint
-
-                    a_model = load_checkpoint(None)
+                if args.a_model != "default":
+                    a_model = load_checkpoint(None if args.a_model == "shipped" else args.a_model)
                 res = part_a(device, args.n_test, args.n_protos, args.loop_n, tuple(tc),
                              args.chunk_pairs, model=a_model)
-                if a_model is not None:
-                    from resend_novelty.models.checkpoint import SHIPPED_NAME
-
+                if args.a_model == "shipped":
                     res["model_note"] = (f"the shipped checkpoint `{SHIPPED_NAME}` (what "
                                          "`--method resend` uses)")
+                elif a_model is not None:
+                    res["model_note"] = f"checkpoint `{Path(args.a_model).name}`"
                 md = format_a(res, device)
-                results["a"] = {k: v for k, v in res.items() if not k.endswith("_scores")}
+                results["a"] = {k: (v.tolist() if k.endswith("_scores") else v)
+                                for k, v in res.items()}
             elif part == "b":
-                from resend_novelty.data.images import list_images
-
                 paths = list_images(args.images) if args.images else pacs_subset(data_root, args.n_images)
                 res = part_b(device, paths, args.batch_size, args.workers)
                 md = format_b(res, device)
                 results["b"] = res
             elif part == "c":
                 res = part_c(device, data_root, tmp, args.train_steps, args.train_batch,
-                             args.train_items, e2e_steps=args.e2e_steps, e2e_batch=args.e2e_batch,
-                             e2e_images=args.e2e_images, optimizer=args.optimizer,
-                             modes=tuple(args.train_modes))
+                             args.train_items, classes=args.train_classes, e2e_steps=args.e2e_steps,
+                             e2e_batch=args.e2e_batch, e2e_images=args.e2e_images,
+                             optimizer=args.optimizer, modes=tuple(args.train_modes),
+                             feature_dim=args.train_feature_dim, model_cfg=args.train_model)
                 md = format_c(res, device)
                 results["c"] = res
             else:

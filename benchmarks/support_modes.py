@@ -30,18 +30,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, update_section
 
-from _report import machine, update_section  # noqa: E402
+from resend_novelty.backbones import build_backbone
+from resend_novelty.detectors import ReSeNDDetector
+from resend_novelty.evaluation import evaluate_proxy, load_proxy_set, run_benchmark
+from resend_novelty.models import load_checkpoint
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from resend_novelty.detectors.base import ReSeNDDetector  # noqa: E402
 
 MARGIN = 0.002
 
@@ -54,7 +55,7 @@ class PerDomainReSeND(ReSeNDDetector):
         super().fit_features(features, labels, domains=domains)
         self._domain_protos = None
         if domains is not None:
-            f, labels, domains = self._support_normalized, np.asarray(labels), np.asarray(domains)
+            f, labels, domains = self.support_features_, np.asarray(labels), np.asarray(domains)
             protos, owner = [], []
             for k, c in enumerate(self.classes_):
                 for d in np.unique(domains[labels == c]):
@@ -65,9 +66,9 @@ class PerDomainReSeND(ReSeNDDetector):
         return self
 
     @torch.inference_mode()
-    def similarities_features(self, features):
+    def similarities_features(self, features, prototypes=None, neighbors=None):
         if self._domain_protos is None:
-            return super().similarities_features(features)
+            return super().similarities_features(features, prototypes, neighbors)
         model = self.model.to(self.device)
         u = model.pairwise_logits(features, self._domain_protos.to(self.device),
                                   self.chunk_pairs or 4096).float().cpu()
@@ -78,8 +79,7 @@ class PerDomainReSeND(ReSeNDDetector):
 def model_key(model) -> str:
     """What the rows depend on: the weights, the architecture and the normality - not the
     checkpoint's default ``neighbors`` (every row passes its own)."""
-    cfg = model.config.to_dict()
-    cfg.pop("neighbors", None), cfg.pop("neighbor_weight", None)
+    cfg = {**model.config.to_dict(), "normality": model.scoring.normality}
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
@@ -111,11 +111,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
 
-    from resend_novelty.backbones.base import build_backbone
-    from resend_novelty.evaluation.settings import run_benchmark
-    from resend_novelty.models.checkpoint import load_checkpoint
-    from resend_novelty.evaluation.proxy import evaluate_proxy, load_proxy_set
-
     t_all = time.perf_counter()
     model = load_checkpoint(args.model)
     name = Path(args.model).name if args.model else "the shipped checkpoint"
@@ -126,7 +121,7 @@ def main(argv=None) -> int:
         "## Support images as class references: prototypes, neighbours, per-domain (issue 4)",
         "",
         f"Relational model: {name} ({model.config.backbone} features, normality "
-        f"{model.config.normality}). Each row changes only how the support images of a class are "
+        f"{model.scoring.normality}). Each row changes only how the support images of a class are "
         "compared with a test image (script docstring). Rule fixed before any number: adopt a "
         f"candidate only if its proxy mean beats the first row by more than {MARGIN}, then again "
         "on fresh episodes (seed 1, 200 episodes). Proxy: the selection proxy, "
@@ -221,7 +216,7 @@ READING = (
     "Reading (session 5). On the shipped Lite0+Lite1 checkpoint the hybrid passed both tests "
     "(proxy 0.7559 vs 0.7519; fresh episodes 0.7613 vs 0.7586) and is now the default scoring "
     "(`neighbors=10, neighbor_weight=0.5` stored in the checkpoint's config; "
-    "benchmarks/shipped_config.json). Neighbours alone and per-domain prototypes lose on the "
+    "src/resend_novelty/training/shipped_recipe.json). Neighbours alone and per-domain prototypes lose on the "
     "proxy. PACS, computed after: the hybrid gives multi 0.764 / 0.840 and single 0.769 / 0.884 "
     "(one prototype: 0.743 / 0.835 and 0.734 / 0.900); every multi-source target stays above "
     "the issue's floors (Sketch 0.742 vs 0.719). Neighbours alone are stronger on the PACS Art "

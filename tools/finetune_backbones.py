@@ -41,6 +41,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import zlib
@@ -49,9 +50,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from resend_novelty.backbones import EfficientNetLite, build_backbone
+from resend_novelty.data import (STYLE_ORDER, DomainShiftView, load_image, reference_records,
+                                 split_validation, stylise)
+from resend_novelty.detectors import ReSeNDDetector, build_detector
+from resend_novelty.evaluation import ProxySet, evaluate_proxy, proxy_records
+from resend_novelty.integrity import sha256_file
+from resend_novelty.models import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
 
 TRAIN_STYLES = ("photo", "sketch", "cartoon", "painting", "grayscale", "colour", "lowres")
 CONFIGS = {"distill": 1.0, "plain": 0.0}  # name -> lambda of the distillation term
@@ -71,10 +82,6 @@ def _fp16(state: dict) -> dict:
 def export_imagenet(out: Path, names) -> None:
     """ImageNet weights of each backbone (its state dict, classifier removed) as fp16
     safetensors, loadable with ``EfficientNetLite(weights=...)``."""
-    from safetensors.torch import save_file
-
-    from resend_novelty.backbones.base import build_backbone
-
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         save_file(_fp16(build_backbone(name).state_dict()), str(out / f"{name}.safetensors"))
@@ -82,8 +89,6 @@ def export_imagenet(out: Path, names) -> None:
 
 
 def load_backbone(name: str, imagenet_dir: str | None):
-    from resend_novelty.backbones.base import EfficientNetLite, build_backbone
-
     if imagenet_dir is None:
         bb = build_backbone(name)
     else:
@@ -113,10 +118,6 @@ class _Rendered(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        from resend_novelty.data.augment import DomainShiftView
-        from resend_novelty.data.images import load_image
-        from resend_novelty.training.loop import STYLE_ORDER
-
         path, key, view = self.items[i]
         img = load_image(path)
         if view is None:
@@ -134,11 +135,6 @@ class _TrainViews(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from torchvision.transforms import functional as TF
-
-        from resend_novelty.data.augment import stylise
-        from resend_novelty.data.images import load_image
-
         rng = random.Random(zlib.crc32(f"{self.seed}|{self.epoch}|{i}".encode()))
         img = load_image(self.paths[i])
         style = rng.choice(TRAIN_STYLES)
@@ -163,8 +159,6 @@ class _TrainViews(torch.utils.data.Dataset):
 def uint8_transform(prep):
     """The backbone's evaluation preprocessing without its normalisation (done by :func:`to_input`
     on the device): workers ship uint8, 4x less shared memory than float."""
-    from torchvision import transforms as T
-
     return T.Compose([T.Resize(prep.resize), T.CenterCrop(prep.crop), T.PILToTensor()])
 
 
@@ -195,10 +189,8 @@ def features(bb, x, device, batch: int = 500) -> torch.Tensor:
 def proxy_items(train_dir: str, key_root: str, data_root: str, seed: int, val_classes: int,
                 per_class: int):
     """(items, labels, domains, val classes) of the proxy (renderings "one"), in
-    :func:`resend_novelty.evaluation.proxy.load_proxy_set`'s order; an item is (path, key that seeds
+    :func:`resend_novelty.evaluation.load_proxy_set`'s order; an item is (path, key that seeds
     the rendering, view index or None for the photo)."""
-    from resend_novelty.evaluation.proxy import proxy_records
-
     groups, _, val = proxy_records(train_dir, val_classes, seed, per_class)
     items, labs, doms = [], [], []
     for d, recs in groups.items():
@@ -212,16 +204,12 @@ def proxy_items(train_dir: str, key_root: str, data_root: str, seed: int, val_cl
 
 
 def proxy_scores(feats: torch.Tensor, labels, domains, val, make, episodes: int, seed: int):
-    from resend_novelty.evaluation.proxy import ProxySet, evaluate_proxy
-
     r = evaluate_proxy(make, ProxySet(feats, labels, domains, val), n_episodes=episodes, seed=seed)
     m, s = r["multi"]["avg"]["auroc"], r["single"]["avg"]["auroc"]
     return {"multi": m, "single": s, "mean": (m + s) / 2}
 
 
 def cosine_std():
-    from resend_novelty.detectors.base import build_detector
-
     return build_detector("cosine-standardized", backbone=None, progress=False)
 
 
@@ -337,12 +325,6 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
-    from safetensors.torch import save_file
-
-    from resend_novelty.models.checkpoint import load_checkpoint
-    from resend_novelty.detectors.base import ReSeNDDetector
-    from resend_novelty.training.loop import TrainConfig, _records, split_validation
-
     data_root = args.data_root
     train_dir = str(Path(data_root) / "tiny_imagenet_200" / "train")
     key_root = args.key_root or os.path.realpath(data_root)
@@ -357,7 +339,7 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(out / "log.json")
 
-    records, _ = _records(TrainConfig(data=train_dir, max_per_class=args.per_class))
+    records, _ = reference_records(train_dir, max_per_class=args.per_class)
     labels = np.array([r.label for r in records])
     train_mask, _ = split_validation(labels, args.val_classes, args.seed)
     train_recs = [r for r, m in zip(records, train_mask) if m]
@@ -434,8 +416,6 @@ def main(argv=None) -> int:
                 state["ensembles"].append(row)
                 save_log()
     if args.ship:  # the chosen config's best weights become the package's fine-tuned backbones
-        import shutil
-
         weights = ROOT / "src" / "resend_novelty" / "weights"
         for name in args.backbones:
             src = out / f"{args.ship}-{name}.safetensors"
@@ -444,8 +424,6 @@ def main(argv=None) -> int:
                                  f"backbone on the proxy)")
             dst = weights / f"{name}_ft.safetensors"
             shutil.copyfile(src, dst)
-            from resend_novelty.models.checkpoint import sha256_file
-
             (weights / f"{name}_ft.safetensors.json").write_text(json.dumps(
                 {"sha256": sha256_file(dst), "config": args.ship, "seed": args.seed,
                  "best_epoch": state["best_epoch"][f"{args.ship}|{name}"],

@@ -2,11 +2,13 @@
 
     python tools/make_shipped_checkpoint.py --data-root ../shared/data
 
-Pretrains the configuration chosen by the ablation study (benchmarks/pretrain_ablation.py; chosen
-on held-out Tiny-ImageNet classes only, never on PACS) on the Tiny-ImageNet reference set with
-frozen features of the recipe's backbone (EfficientNet-Lite0 and Lite1, concatenated), keeps the
-best step by validation AUROC, applies the scoring defaults chosen afterwards on the proxy
-(``"scoring"`` in benchmarks/shipped_config.json: ``neighbors``, ``neighbor_weight``), and writes
+Pretrains the recipe chosen by the ablation study (the recipes of
+``resend_novelty.training.load_recipe``; chosen on held-out Tiny-ImageNet classes only, never on
+PACS) on the Tiny-ImageNet reference set with frozen features of the recipe's backbone
+(EfficientNet-Lite0 and Lite1, concatenated), keeps the best step by validation AUROC, applies
+the scoring defaults chosen afterwards on the proxy (``"scoring"`` of
+``resend_novelty.training.shipped_recipe()``: ``neighbors``, ``neighbor_weight``) to the model's
+scoring, sets the backbone chosen afterwards (``"backbone"``), and writes
 ``src/resend_novelty/weights/resend_lite0_lite1.safetensors`` (fp16) with its SHA-256 beside it.
 Same seed -> same weights on the same machine/torch build (CPU); numbers agree within noise
 elsewhere. Interrupted runs resume (``runs/shipped_lite0_lite1``).
@@ -15,13 +17,19 @@ elsewhere. Interrupted runs resume (``runs/shipped_lite0_lite1``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import torch
 
+from resend_novelty.backbones import build_backbone
+from resend_novelty.integrity import sha256_file
+from resend_novelty.models import SHIPPED_NAME, load_checkpoint, save_checkpoint
+from resend_novelty.training import TrainConfig, load_recipe, shipped_recipe, train
+
+ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "src" / "resend_novelty" / "weights"
 
 
@@ -29,24 +37,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", required=True, help="holds tiny_imagenet_200/train")
     p.add_argument("--config", default=None,
-                   help="name of a configuration in benchmarks/pretrain_ablation.py "
-                   "(default: the one recorded in benchmarks/shipped_config.json)")
+                   help="name of a recipe (resend_novelty.training.recipe_names(); default: the "
+                   "one recorded in resend_novelty.training.shipped_recipe(), with its overrides, "
+                   "scoring and backbone)")
     p.add_argument("--out", default="runs/shipped_lite0_lite1", help="training directory (resumable)")
     p.add_argument("--steps", type=int, default=None, help="override the number of steps")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from pretrain_ablation import CONFIGS
-
-    from resend_novelty.models.checkpoint import SHIPPED_NAME, load_checkpoint, save_checkpoint, sha256_file
-    from resend_novelty.training.loop import TrainConfig, train
-
-    chosen = json.loads((ROOT / "benchmarks" / "shipped_config.json").read_text())
+    chosen = shipped_recipe()
     name = args.config or chosen["name"]
-    kw = json.loads(json.dumps(CONFIGS[name]))
-    over = dict(chosen.get("overrides", {})) if not args.config else {}
-    kw["model"] = {**kw.get("model", {}), **over.pop("model", {})}  # e.g. {"normality": ...}
-    kw.update(over)
+    kw = load_recipe(name, None if args.config else chosen.get("overrides"))  # e.g. normality
     if args.steps:
         kw["steps"] = args.steps
     kw["seed"] = args.seed
@@ -55,27 +56,25 @@ def main(argv=None) -> int:
     model = load_checkpoint(Path(args.out) / "best.safetensors")
     # scoring defaults chosen after training, on the trained model (e.g. neighbors): they change
     # how the detector scores, not the weights or the step selection of the run
-    for key, value in ({} if args.config else chosen.get("scoring", {})).items():
-        if not hasattr(model.config, key):
-            raise SystemExit(f"shipped_config.json: unknown scoring key {key!r}")
-        setattr(model.config, key, value)
-    # features chosen after training (session 6: the backbones fine-tuned end to end by
+    scoring = {} if args.config else chosen.get("scoring", {})
+    known = {f.name for f in dataclasses.fields(model.scoring)}
+    for key in scoring:
+        if key not in known:
+            raise SystemExit(f"shipped recipe: unknown scoring key {key!r}")
+    model.scoring = dataclasses.replace(model.scoring, **scoring)  # validates the values
+    # features chosen after training (the backbones fine-tuned end to end by
     # tools/finetune_backbones.py): the relational weights read the same-sized features of
     # another backbone; the choice was made on the proxy with these very weights
     backbone = None if args.config else chosen.get("backbone")
     if backbone:
-        from resend_novelty.backbones.base import build_backbone
-
         dim = build_backbone(backbone).feature_dim
         if dim != model.config.feature_dim:
-            raise SystemExit(f"shipped_config.json: backbone {backbone!r} gives {dim}-d features, "
+            raise SystemExit(f"shipped recipe: backbone {backbone!r} gives {dim}-d features, "
                              f"the model takes {model.config.feature_dim}")
         model.config.backbone = backbone
     model.config.__post_init__()  # validate the values
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     target = WEIGHTS / SHIPPED_NAME
-    import torch
-
     save_checkpoint(model, target, dtype=torch.float16, metadata={
         "training": {"config_name": name, "train_config": cfg.to_dict(),
                      "best_val_auroc": summary["best_val_auroc"],

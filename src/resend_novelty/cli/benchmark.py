@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
-from .common import add_detector_options, detector_factory, write_json
+from ..evaluation import SETTINGS, format_table, get_setting, run_benchmark, setting_summary
+from ..report import write_json
+from .common import add_detector_options, detector_factory
 
 
 def add_parser(sub, name):
-    from ..evaluation.settings import SETTINGS
-
     p = sub.add_parser(
         name,
         help="run a benchmark setting of the paper (pacs-multi, officehome-single, dtd, ...)",
@@ -47,8 +47,6 @@ def add_parser(sub, name):
 
 
 def _print_list(data_root, lists_dir) -> None:
-    from ..evaluation.settings import SETTINGS, setting_summary
-
     check = data_root is not None and os.path.isdir(data_root)
     head = "| setting | targets | #support | #test | known | unknown |"
     sep = "|---|---|---|---|---|---|"
@@ -82,8 +80,6 @@ def _print_list(data_root, lists_dir) -> None:
 
 
 def run(args) -> int:
-    from ..evaluation.settings import format_table, get_setting, run_benchmark
-
     data_root = args.data_root or os.environ.get("RESEND_DATA") or None
     if args.list or not args.setting:
         _print_list(data_root, args.lists_dir)

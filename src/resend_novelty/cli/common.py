@@ -1,18 +1,30 @@
-"""Options shared by several sub-commands."""
+"""Detector options shared by several sub-commands, and the detector factory they configure.
+
+:func:`add_detector_options` adds ``--method``, ``--model``, ``--backbone``, the ReSeND scoring
+options, the baselines' options (:mod:`.detector_options`) and the run options (device, batch
+size, cache); :func:`detector_factory` turns the parsed options into typed arguments of
+:func:`resend_novelty.detectors.build_detector`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
+
+from ..backbones import build_backbone
+from ..detectors import DETECTORS, build_detector
+from ..features import FeatureCache
+from ..models import load_checkpoint
+from .detector_options import METHOD_HELP, add_baseline_options, baseline_kwargs
+
+__all__ = ["add_detector_options", "detector_factory", "feature_cache"]
+
+
+def feature_cache(args) -> FeatureCache | bool:
+    """The ``cache=`` argument of the library from ``--no-cache`` / ``--cache-dir``."""
+    return False if args.no_cache else FeatureCache(args.cache_dir) if args.cache_dir else True
 
 
 def add_detector_options(p: argparse.ArgumentParser) -> None:
-    from ..detectors.base import DETECTORS
-
-    from ..detectors.baselines import METHOD_HELP, add_baseline_options
-
     p.add_argument(
         "--method", default="resend", choices=sorted(DETECTORS),
         help="novelty score: 'resend' (relational model: similarities to class prototypes, "
@@ -70,12 +82,7 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
 
 def detector_factory(args):
     """A function returning a fresh detector configured from the CLI options."""
-    from ..backbones.base import build_backbone
-    from ..features.cache import FeatureCache
-    from ..models.checkpoint import load_checkpoint
-    from ..detectors.base import build_detector
-
-    cache = False if args.no_cache else FeatureCache(args.cache_dir) if args.cache_dir else True
+    cache = feature_cache(args)
     model = None
     if args.method == "resend":
         model = load_checkpoint(args.model)
@@ -95,9 +102,6 @@ def detector_factory(args):
         backbone=backbone, device=args.device, cache=cache, batch_size=args.batch_size,
         num_workers=args.workers, progress=not args.quiet,
     )
-
-    from ..detectors.baselines import baseline_kwargs
-
     common.update(baseline_kwargs(args))
 
     resend_only = {k: getattr(args, k, None) for k in ("normality", "neighbors", "neighbor_weight")}
@@ -113,11 +117,3 @@ def detector_factory(args):
         return build_detector(args.method, model=model, **common)
 
     return make
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -6,7 +6,10 @@ import math
 
 import numpy as np
 
-from .common import add_detector_options, detector_factory, write_json
+from ..data import read_list_file
+from ..evaluation import closed_set_accuracy, novelty_report
+from ..report import write_json
+from .common import add_detector_options, detector_factory
 
 
 def add_parser(sub, name):
@@ -30,9 +33,6 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from ..data.images import read_list_file
-    from ..evaluation.metrics import closed_set_accuracy, novelty_report
-
     support = read_list_file(args.support, args.root)
     test = read_list_file(args.test, args.root)
     det = detector_factory(args)()

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from .common import write_json  # noqa: F401  (shared helpers)
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from ..backbones import build_backbone
+from ..data import list_images, read_list_file
+from ..features import FeatureCache, extract_features
 
 
 def add_parser(sub, name):
@@ -37,17 +45,6 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    import json
-    import os
-
-    import torch
-    from safetensors.torch import save_file
-
-    from ..backbones.base import build_backbone
-    from ..features.cache import FeatureCache
-    from ..data.images import list_images, read_list_file
-    from ..features.extract import extract_features
-
     if os.path.isdir(args.data):
         paths, labels = list_images(args.data), None
     else:

@@ -1,7 +1,14 @@
-"""Command-line interface: a thin layer over the library API.
+"""Command-line interface ``resend``: a thin layer over the typed library API.
 
-Each sub-command lives in ``resend_novelty.commands.<name>`` and exposes
-``add_parser(subparsers)`` (returns its parser) and ``run(args) -> int``.
+Each sub-command lives in ``resend_novelty.cli.<module>`` and exposes
+``add_parser(subparsers, name)`` (returns its parser) and ``run(args) -> int``; it converts the
+parsed options into typed arguments of library functions. argparse is used here and nowhere
+else in the package.
+
+Imports: ``import resend_novelty`` already loads the library core (torch included), so lazy
+imports would not make ``resend --help`` faster; every command imports the library names it
+uses at module level, from the packages (``from ..detectors import build_detector``). Only
+heavy optional plotting (matplotlib) is imported inside the library function that draws.
 """
 
 from __future__ import annotations
@@ -11,9 +18,9 @@ import importlib
 import sys
 
 from .. import __version__
-from ..data.images import DataError
+from ..data import DataError
 
-# sub-command name -> module under resend_novelty.commands
+# sub-command name -> module under resend_novelty.cli
 COMMANDS = {
     "eval": "evaluate",
     "benchmark": "benchmark",

@@ -12,17 +12,29 @@ Two uses:
 
 from __future__ import annotations
 
+import argparse
 import csv
 from pathlib import Path
 
 import numpy as np
 
-from .common import add_detector_options, detector_factory, write_json
+from ..backbones import build_backbone
+from ..data import read_list_file
+from ..evaluation import SETTINGS, get_setting
+from ..features import extract_features
+from ..osdg import (
+    crossfit_source_scores,
+    default_normalization,
+    evaluate_osdg,
+    format_osdg_table,
+    load_probabilities,
+    run_osdg_benchmark,
+)
+from ..report import write_json
+from .common import add_detector_options, detector_factory, feature_cache
 
 
 def _weights(text: str) -> tuple[float, float]:
-    import argparse
-
     try:
         parts = [float(v) for v in text.split(",")]
     except ValueError:
@@ -35,8 +47,6 @@ def _weights(text: str) -> tuple[float, float]:
 
 
 def add_parser(sub, name):
-    from ..evaluation.settings import SETTINGS
-
     p = sub.add_parser(
         name,
         help="open-set domain generalisation: fuse a closed-set classifier's MSP with the novelty score",
@@ -100,9 +110,7 @@ def add_parser(sub, name):
 def _normalize(args) -> str:
     if args.normalize != "auto":
         return args.normalize
-    from ..osdg.evaluate import default_normalization
-
-    return default_normalization(args.method, getattr(args, "model", None))
+    return default_normalization(args.method, args.model)
 
 
 def _fmt(v) -> str:
@@ -130,12 +138,6 @@ def run(args) -> int:
 
 
 def _run_benchmark(args) -> int:
-    from ..backbones.base import build_backbone
-    from ..evaluation.settings import get_setting
-    from ..features.cache import FeatureCache
-    from ..features.extract import extract_features
-    from ..osdg.evaluate import format_osdg_table, run_osdg_benchmark
-
     setting = get_setting(args.setting)
     make = detector_factory(args)
     det0 = make()
@@ -147,7 +149,7 @@ def _run_benchmark(args) -> int:
     clf_features = None
     if args.classifier_backbone != det_bb.name:
         clf_bb = build_backbone(args.classifier_backbone)
-        cache = False if args.no_cache else FeatureCache(args.cache_dir) if args.cache_dir else True
+        cache = feature_cache(args)
 
         def clf_features(paths):
             return extract_features(
@@ -173,9 +175,6 @@ def _run_benchmark(args) -> int:
 
 
 def _run_user(args) -> int:
-    from ..data.images import read_list_file
-    from ..osdg.evaluate import crossfit_source_scores, evaluate_osdg, load_probabilities
-
     support = read_list_file(args.support, args.root)
     test = read_list_file(args.test, args.root)
     s_lab = np.array([r.label for r in support])

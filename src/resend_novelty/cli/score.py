@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 import warnings
 
+from ..report import score_folders, write_report
 from .common import add_detector_options, detector_factory
 
 
 def _tpr(value: str) -> float:
-    import argparse
-
     v = float(value)
     if not 0.0 < v <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
@@ -53,10 +54,6 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    import sys
-
-    from ..report.result import score_folders, write_report
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

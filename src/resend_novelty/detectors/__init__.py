@@ -1,1 +1,30 @@
-"""detectors."""
+"""Novelty detectors: ReSeND and the baselines of the paper, under one fit/score/predict API.
+
+- :mod:`.base`: :class:`Detector`, the API (inputs, support validation, thresholds), UNKNOWN;
+- :mod:`.prototype`: :class:`PrototypeDetector`, class prototypes and leave-one-out calibration;
+- one method per file: :mod:`.resend`, :mod:`.cosine`, :mod:`.euclidean`, :mod:`.knn`,
+  :mod:`.mahalanobis`, :mod:`.finetuned` (ft-*), :mod:`.gram` (gram, ft-gram);
+- :mod:`.registry`: :data:`DETECTORS` and :func:`build_detector`.
+"""
+
+from .base import UNKNOWN, Detector, fit_support
+from .cosine import CenteredCosineDetector, CosineDetector, StandardizedCosineDetector
+from .euclidean import EuclideanDetector
+from .finetuned import FT_DETECTORS, FineTunedDetector, resend_eval_seconds, train_head
+from .gram import FineTunedGramDetector, GramDetector, GramStats, gram_statistics
+from .knn import KNNDetector
+from .mahalanobis import MahalanobisDetector, fit_mahalanobis, require_pytorch_ood
+from .prototype import (NoLOOCalibrationMixin, PrototypeDetector, class_means,
+                        leave_one_out_similarities)
+from .registry import BASELINES, DETECTORS, FT_METHODS, build_detector
+from .resend import ReSeNDDetector
+
+__all__ = [
+    "UNKNOWN", "Detector", "fit_support",
+    "PrototypeDetector", "NoLOOCalibrationMixin", "class_means", "leave_one_out_similarities",
+    "ReSeNDDetector", "CosineDetector", "CenteredCosineDetector", "StandardizedCosineDetector",
+    "EuclideanDetector", "KNNDetector", "MahalanobisDetector", "fit_mahalanobis",
+    "require_pytorch_ood", "FineTunedDetector", "FT_DETECTORS", "resend_eval_seconds",
+    "train_head", "GramDetector", "FineTunedGramDetector", "GramStats", "gram_statistics",
+    "DETECTORS", "BASELINES", "FT_METHODS", "build_detector",
+]

@@ -2,7 +2,7 @@
 
 The real benchmarks (PACS, ...) must not be used to choose a model or a scoring rule. This module
 builds their stand-in from the *reference* set only: the classes held out of pretraining
-(:func:`resend_novelty.training.loop.split_validation`, the same seed and count as the training run) are
+(:func:`resend_novelty.data.split_validation`, the same seed and count as the training run) are
 rendered in four "domains" - the photo itself and its deterministic sketch, cartoon and painting
 views (:mod:`resend_novelty.data.augment`). Image ``i`` of a class (natural file order) appears in one
 domain only, ``i % 4``, so that no test image is the stylised twin of a support image.
@@ -11,7 +11,7 @@ Episodes copy the PACS protocol: ``n_known`` known and ``n_unknown`` unknown cla
 held-out ones; *multi-source*: support = the known classes in three domains, test = all episode
 classes in the fourth (each domain in turn); *single-source*: support = photos, test = each
 stylised domain. The result is the mean AUROC over episodes per target, as in
-:func:`resend_novelty.evaluation.settings.run_benchmark`.
+:func:`resend_novelty.evaluation.run_benchmark`.
 
 Usage::
 
@@ -28,12 +28,16 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..backbones import build_backbone
+from ..data import STYLE_ORDER, DomainShiftView, reference_records, split_validation
+from ..detectors import fit_support
+from ..features import extract_features
 from .metrics import auroc, fpr_at_tpr
 
 __all__ = ["PROXY_DOMAINS", "ProxySet", "load_proxy_set", "proxy_records", "proxy_episodes",
            "evaluate_proxy"]
 
-# domain 0 = the photo; domain d > 0 = DomainShiftView(d - 1) with train.STYLE_ORDER
+# domain 0 = the photo; domain d > 0 = DomainShiftView(d - 1) with data.STYLE_ORDER
 PROXY_DOMAINS = ("photo", "sketch", "cartoon", "painting")
 
 
@@ -65,15 +69,10 @@ def load_proxy_set(data: str, val_classes: int = 30, seed: int = 0, per_class: i
     instead of 25 / 75). Support and test never share a source image.
 
     ``data``: a class-folder reference set (or list file) as for pretraining; ``val_classes`` and
-    ``seed``: the held-out classes of the pretraining run (:func:`~resend_novelty.training.loop.
-    split_validation`); ``per_class``: images per class used (natural file order);
-    ``backbone``: a name or a :class:`~resend_novelty.backbones.base.Backbone`.
+    ``seed``: the held-out classes of the pretraining run
+    (:func:`~resend_novelty.data.split_validation`); ``per_class``: images per class used
+    (natural file order); ``backbone``: a name or a :class:`~resend_novelty.backbones.Backbone`.
     """
-    from ..data.augment import DomainShiftView
-    from ..backbones.base import build_backbone
-    from ..features.extract import extract_features
-    from ..training.loop import STYLE_ORDER
-
     groups, ranks, val = proxy_records(data, val_classes, seed, per_class, renderings)
     bb = build_backbone(backbone) if isinstance(backbone, str) else backbone
     feats, labs, doms = [], [], []
@@ -100,14 +99,12 @@ def proxy_records(data: str, val_classes: int = 30, seed: int = 0, per_class: in
                   renderings: str = "one") -> tuple[dict, dict, np.ndarray]:
     """The proxy's images before any feature: ``(groups, ranks, val)`` with ``groups[d]`` the
     image records rendered in domain ``d`` (index into :data:`PROXY_DOMAINS`; d > 0 is
-    ``DomainShiftView(d - 1, ..., train.STYLE_ORDER)`` of the image), ``ranks[d]`` their positions
+    ``DomainShiftView(d - 1, ..., STYLE_ORDER)`` of the image), ``ranks[d]`` their positions
     in their class (natural file order) and ``val`` the held-out class ids. Arguments as for
     :func:`load_proxy_set`, which computes the features of exactly these renderings."""
-    from ..training.loop import TrainConfig, _records, split_validation
-
     if renderings not in ("one", "all"):
         raise ValueError(f"renderings must be 'one' or 'all', got {renderings!r}")
-    records, _ = _records(TrainConfig(data=data, max_per_class=per_class))
+    records, _ = reference_records(data, max_per_class=per_class)
     labels = np.array([r.label for r in records])
     _, val = split_validation(labels, val_classes, seed)
     groups: dict[int, list] = {d: [] for d in range(len(PROXY_DOMAINS))}
@@ -144,10 +141,8 @@ def evaluate_proxy(make_detector: Callable[[], object], ps: ProxySet, n_episodes
 
     ``make_detector()`` returns an unfitted detector with ``fit_features`` and ``score_features``;
     in multi-source episodes its ``fit_features`` gets ``domains=`` (the support images' domain
-    ids, :func:`~resend_novelty.detectors.base.fit_support`).
+    ids, :func:`~resend_novelty.detectors.fit_support`).
     """
-    from ..detectors.base import fit_support
-
     eps = proxy_episodes(ps.classes, n_episodes, n_known, n_unknown, seed)
     det = make_detector()
     out: dict = {}

@@ -1,1 +1,8 @@
-"""features."""
+"""Backbone features: the on-disk cache, the extraction that fills it, and detector inputs."""
+
+from .cache import FeatureCache, default_cache_dir, image_key
+from .extract import check_features, default_device, extract_features
+from .inputs import InputFeatures, input_features
+
+__all__ = ["FeatureCache", "default_cache_dir", "image_key", "check_features", "default_device",
+           "extract_features", "InputFeatures", "input_features"]

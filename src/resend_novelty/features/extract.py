@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..backbones.base import Backbone, BackboneEnsemble
+from ..backbones import Backbone, BackboneEnsemble
+from ..data import DataError, DomainShiftView, load_image
 from .cache import FeatureCache, image_key
-from ..data.images import DataError, load_image
 
 __all__ = ["extract_features", "check_features", "default_device"]
 
@@ -69,8 +69,6 @@ def check_features(features: torch.Tensor, what: str = "features") -> torch.Tens
 def _member_transform(transform: Callable | None, member: Backbone) -> Callable | None:
     """The ensemble member's version of ``transform``: a stylised view is rebuilt on the member's
     own preprocessing; other custom transforms cannot be split per member."""
-    from ..data.augment import DomainShiftView
-
     if transform is None:
         return None
     if isinstance(transform, DomainShiftView):

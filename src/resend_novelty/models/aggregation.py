@@ -1,8 +1,8 @@
 """Ablations of the relational module (paper Table 5): hand-designed pair aggregation + MLP.
 
 ReSeND's relational module r lets the two image tokens attend to each other through B
-transformer blocks (:class:`~resend_novelty.models.relational.RelationalModule`). The ablation replaces r by a
-fixed aggregation of the two projected tokens ``z_i = W_p f_i + b_p`` (eq. 2, unchanged)::
+transformer blocks (:class:`~resend_novelty.models.relational.RelationalModule`). The ablation
+replaces r by a fixed aggregation of the two projected tokens ``z_i = W_p f_i + b_p`` (eq. 2, unchanged)::
 
     a_ij = max(z_i, z_j)        (arch="max", element-wise; symmetric)
     a_ij = z_i + z_j            (arch="sum"; symmetric)
@@ -16,11 +16,11 @@ a :class:`RelationalModule` with the same config (:func:`mlp_width`), so the com
 similar parameter count.
 
 Same interface as :class:`RelationalModule` (``encode``, ``relate``, ``forward``,
-``pairwise_logits``, ``config`` with ``to_dict``/``from_dict``): it *is* a subclass, sharing the
-projection, input normalisation, optional cosine skip (``cosine_skip``) and chunked pairwise
-evaluation, so checkpoints, training and :class:`~resend_novelty.detectors.base.ReSeNDDetector` work
-unchanged. Build one with
-``build_relational(RelationalConfig(arch="max", ...))``.
+``pairwise_logits``, ``config`` with ``to_dict``/``from_dict``, ``scoring``): it *is* a subclass,
+sharing the projection, input normalisation, optional cosine skip (``cosine_skip``) and chunked
+pairwise evaluation, so checkpoints, training and :class:`~resend_novelty.detectors.ReSeNDDetector`
+work unchanged. Build one with ``build_relational(RelationalConfig(arch="max", ...))``
+(:mod:`resend_novelty.models.registry`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import math
 import torch
 from torch import nn
 
-from .relational import RelationalConfig, RelationalModule
+from .config import RelationalConfig, ScoringConfig, resolve_configs
+from .relational import RelationalModule
 
 __all__ = ["AggregationModule", "mlp_width", "transformer_relation_params"]
 
@@ -68,17 +69,18 @@ def mlp_width(config: RelationalConfig) -> int:
 class AggregationModule(RelationalModule):
     """Relational-module ablation: ``MLP(aggregate(z_i, z_j))`` instead of transformer blocks."""
 
-    def __init__(self, config: RelationalConfig | None = None, **kwargs):
+    def __init__(
+        self, config: RelationalConfig | None = None, scoring: ScoringConfig | None = None, **kwargs
+    ):
+        """``config``, ``scoring`` and ``kwargs`` as for :class:`RelationalModule`."""
         nn.Module.__init__(self)  # not RelationalModule.__init__: no transformer blocks
-        if config is None:
-            config = RelationalConfig(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either a config or keyword arguments, not both")
+        config, scoring = resolve_configs(config, scoring, kwargs)
         if config.arch not in ("max", "sum", "concat"):
             raise ValueError(
                 f"AggregationModule implements arch 'max', 'sum' or 'concat', not {config.arch!r}"
             )
         self.config = c = config
+        self.scoring = scoring
         self.proj = nn.Linear(c.feature_dim, c.dim)  # eq. 2, as in the transformer model
         self.input_dropout = nn.Dropout(c.input_dropout)
         in_dim = 2 * c.dim if c.arch == "concat" else c.dim
@@ -89,7 +91,7 @@ class AggregationModule(RelationalModule):
         self.mlp = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, 1)
-        if getattr(c, "cosine_skip", False):  # same optional cosine skip as the transformer
+        if c.cosine_skip:  # same optional cosine skip as the transformer
             self.cos_scale = nn.Parameter(torch.tensor(10.0))
             self.cos_shift = nn.Parameter(torch.tensor(0.5))
         self.reset_parameters()
@@ -100,7 +102,7 @@ class AggregationModule(RelationalModule):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        if getattr(self.config, "cosine_skip", False):  # start at the cosine detector
+        if self.config.cosine_skip:  # start at the cosine detector
             nn.init.zeros_(self.head.weight)
 
     def _fast_pairs(self) -> bool:

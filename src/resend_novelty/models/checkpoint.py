@@ -1,13 +1,18 @@
-"""Safe checkpoints: safetensors weights with the model config stored in the file's metadata.
+"""Safe checkpoints: safetensors weights with the model's configs stored in the file's metadata.
 
 Only safetensors files are loaded (no pickle, so a model file can never execute code). Loading
 is strict: missing or unexpected tensors and shape mismatches raise an error listing them.
 The checkpoint shipped inside the package is verified against its recorded SHA-256.
+
+Metadata keys written by :func:`save_checkpoint`: ``format`` (:data:`FORMAT`), ``config`` (the
+architecture, :class:`~resend_novelty.models.config.RelationalConfig`) and ``scoring`` (the
+default scoring, :class:`~resend_novelty.models.config.ScoringConfig`), all JSON. Files written
+before the scoring had its own key hold its fields inside ``config``; :func:`load_checkpoint`
+reads them from there (:func:`~resend_novelty.models.config.split_config`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from importlib import resources
@@ -17,7 +22,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .relational import RelationalConfig, RelationalModule, build_relational
+from ..integrity import CheckpointError, state_mismatch, verify_recorded_sha256
+from .config import ScoringConfig, split_config
+from .registry import build_relational
+from .relational import RelationalModule
 
 __all__ = [
     "save_checkpoint",
@@ -26,23 +34,11 @@ __all__ = [
     "default_checkpoint_path",
     "CheckpointError",
     "FORMAT",
-    "sha256_file",
+    "SHIPPED_NAME",
 ]
 
 FORMAT = "resend-relational-v1"
 SHIPPED_NAME = "resend_lite0_lite1.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, of the wrong format, or does not match the model."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -51,13 +47,15 @@ def save_checkpoint(
     dtype: torch.dtype = torch.float32,
     metadata: dict | None = None,
 ) -> None:
-    """Write ``model`` to ``path`` atomically (temporary file + rename), config in the metadata."""
+    """Write ``model`` to ``path`` atomically (temporary file + rename), its config and scoring
+    in the metadata, with the extra entries of ``metadata`` (non-strings stored as JSON)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         k: v.detach().to("cpu", dtype=dtype).contiguous() for k, v in model.state_dict().items()
     }
-    meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
+    meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict()),
+            "scoring": json.dumps(model.scoring.to_dict())}
     for k, v in (metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -67,6 +65,7 @@ def save_checkpoint(
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of a safetensors checkpoint (``{key: string}``)."""
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -83,7 +82,12 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def load_checkpoint(
     path: str | os.PathLike | None = None, map_location: str | torch.device = "cpu"
 ) -> RelationalModule:
-    """Rebuild a :class:`RelationalModule` from a checkpoint (default: the shipped one)."""
+    """Rebuild a relational model (``config.arch``: :class:`RelationalModule` or an ablation) with
+    its scoring from a checkpoint (default: the shipped one), in eval mode.
+
+    The scoring is the file's ``scoring`` entry; a file without one takes the scoring fields of
+    its ``config`` (older files), and defaults for fields found in neither.
+    """
     if path is None:
         path = default_checkpoint_path()
     path = str(path)
@@ -93,10 +97,12 @@ def load_checkpoint(
             f"{path} is not a resend-novelty relational checkpoint (format={meta.get('format')!r})"
         )
     try:
-        config = RelationalConfig.from_dict(json.loads(meta["config"]))
+        config, scoring = split_config(json.loads(meta["config"]))
+        if "scoring" in meta:
+            scoring = ScoringConfig.from_dict(json.loads(meta["scoring"]))
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: bad model config in metadata: {exc}") from None
-    model = build_relational(config)  # the transformer, or an ablation model (config.arch)
+    model = build_relational(config, scoring)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tensors = {}
     with safe_open(path, framework="pt", device=str(map_location)) as fh:
@@ -109,40 +115,9 @@ def load_checkpoint(
     return model.eval()
 
 
-def state_mismatch(expected: dict, tensors: dict, limit: int = 5) -> str | None:
-    """How the ``tensors`` of a file differ from a module's ``expected`` ``{key: shape}``: missing
-    keys, unexpected keys and shape mismatches (at most ``limit`` of each named); None if none."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k])}"
-        for k in sorted(set(expected) & set(tensors))
-        if tuple(tensors[k].shape) != tuple(expected[k])
-    ]
-    if not (missing or unexpected or shapes):
-        return None
-
-    def few(xs):
-        return str(xs[:limit]) + (f" (+{len(xs) - limit} more)" if len(xs) > limit else "")
-
-    return (f"missing keys {few(missing)}, unexpected keys {few(unexpected)}, "
-            f"shape mismatches {few(shapes)}")
-
-
-def verify_recorded_sha256(path: str | os.PathLike, what: str) -> None:
-    """Check a file shipped in the package against the SHA-256 recorded in ``<path>.json``."""
-    info = Path(str(path) + ".json")
-    if not info.is_file():
-        raise CheckpointError(f"checksum file of the {what} is missing: {info}")
-    want = json.loads(info.read_text())["sha256"]
-    got = sha256_file(path)
-    if got != want:
-        raise CheckpointError(f"{what} {path} is corrupt: sha256 {got} != recorded {want} "
-                              f"(SHA-256 recorded in {info}); reinstall the package")
-
-
 def default_checkpoint_path(verify: bool = True) -> Path:
-    """Path of the checkpoint shipped in the package, checked against its recorded SHA-256."""
+    """Path of the checkpoint shipped in the package, checked against its recorded SHA-256
+    (unless ``verify`` is False)."""
     weights = resources.files("resend_novelty") / "weights"
     path = Path(str(weights / SHIPPED_NAME))
     if not path.is_file():

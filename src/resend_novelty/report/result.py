@@ -2,8 +2,8 @@
 
 ::
 
-    from resend_novelty.detectors.base import build_detector
-    from resend_novelty.report.result import score_folders, write_report
+    from resend_novelty.detectors import build_detector
+    from resend_novelty.report import score_folders, write_report
 
     det = build_detector("cosine")                      # or "resend" (model=...)
     result = score_folders(det, "support/", "new/", tpr=0.95)
@@ -21,7 +21,7 @@ Images: JPEG, PNG, WebP, BMP; grayscale, palette and RGBA images are converted t
 unreadable, truncated or empty file stops the run with an error naming it.
 
 Threshold: ``threshold=T`` is used as given; otherwise it is calibrated on the support set alone
-(:meth:`~resend_novelty.detectors.base.PrototypeDetector.calibrate_features`): the ``ceil(tpr*m)``-th
+(the detector's ``calibrate_features``): the ``ceil(tpr*m)``-th
 largest leave-one-out normality of the m support images, so that a fraction ``tpr`` of known
 images is expected to be accepted.
 
@@ -41,101 +41,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.images import IMAGE_EXTENSIONS, DataError, scan_class_folders
+from ..evaluation import closed_set_accuracy, h_score, novelty_report
+from .folders import scan_support, scan_test
 
-__all__ = [
-    "UNKNOWN_NAME",
-    "TestImages",
-    "ScoreResult",
-    "scan_support",
-    "scan_test",
-    "score_folders",
-    "write_report",
-    "plot_histogram",
-    "plot_roc",
-    "plot_detection_rates",
-]
+__all__ = ["UNKNOWN_NAME", "ScoreResult", "score_folders"]
 
 UNKNOWN_NAME = "unknown"
 
 
-# --------------------------------------------------------------------------- data
-def _images_directly_in(folder: Path) -> list[Path]:
-    return sorted(
-        f for f in folder.iterdir()
-        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
-def _walk_images(folder: Path) -> list[Path]:
-    """Images under ``folder``, recursively, following symbolic links (each directory once)."""
-    seen: set[str] = set()
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a link loop, or the same directory linked twice
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(
-            Path(dirpath) / f for f in filenames
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-        )
-    return sorted(found)
-
-
-def scan_support(folder: str | os.PathLike) -> tuple[list[str], np.ndarray, list[str]]:
-    """``support/<class>/<image>`` -> (paths, integer labels, sorted class names)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"support folder not found: {folder}")
-    loose = _images_directly_in(folder)
-    if loose:
-        raise DataError(
-            f"the support folder {folder} must hold one sub-folder per class "
-            f"({folder}/<class>/<image>), but {len(loose)} image(s) lie directly in it, "
-            f"e.g. {loose[0]}"
-        )
-    records, classes = scan_class_folders(folder)  # error for an empty class folder
-    return [r.path for r in records], np.array([r.label for r in records]), list(classes)
-
-
-@dataclass
-class TestImages:
-    """Test images found under a folder; ``labels`` are class-folder names, or None."""
-
-    paths: list[str]
-    labels: list[str] | None
-    root: str
-    layout: str  # "class folders" | "flat" | "nested"
-
-
-def scan_test(folder: str | os.PathLike) -> TestImages:
-    """All images under ``folder`` (recursively, symlinks followed); labelled iff exactly
-    ``test/<class>/<image>``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"test folder not found: {folder}")
-    paths = _walk_images(folder)
-    if not paths:
-        raise DataError(f"the test folder {folder} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
-    depths = {len(p.relative_to(folder).parts) for p in paths}
-    if depths == {2}:
-        subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-        used = {p.relative_to(folder).parts[0] for p in paths}
-        empty = [d.name for d in subdirs if d.name not in used]
-        if empty:
-            warnings.warn(
-                f"test class folder(s) with no image ignored: {', '.join(empty)}", stacklevel=2
-            )
-        labels = [p.relative_to(folder).parts[0] for p in paths]
-        return TestImages([str(p) for p in paths], labels, str(folder), "class folders")
-    layout = "flat" if depths == {1} else "nested"
-    return TestImages([str(p) for p in paths], None, str(folder), layout)
-
-
-# --------------------------------------------------------------------------- scores
 @dataclass
 class ScoreResult:
     """Scores of the test images against the support classes, plus the decision threshold."""
@@ -178,8 +91,6 @@ class ScoreResult:
         """Threshold-free and thresholded metrics when the test images carry labels."""
         if self.test_labels is None:
             return None
-        from ..evaluation.metrics import closed_set_accuracy, h_score, novelty_report
-
         is_known = self.is_known
         rep = novelty_report(self.normality, is_known)
         labels = np.array(self.test_labels, dtype=object)
@@ -288,7 +199,7 @@ def score_folders(
     detector.class_names_ = [class_names[int(c)] for c in detector.classes_]
     counts = dict(zip(detector.class_names_, (int(n) for n in detector.class_counts_)))
     test_feats = detector.features(test_set.paths, desc="test features")[0]
-    u = detector.similarities_features(detector._check_fitted(test_feats))
+    u = detector.similarities_features(detector.prepare_features(test_feats))
     normality = detector.normality_from_similarities(u).numpy()
     return ScoreResult(
         paths=test_set.paths,
@@ -304,135 +215,3 @@ def score_folders(
         test=str(test),
         test_layout=test_set.layout,
     )
-
-
-# --------------------------------------------------------------------------- plots
-def _figure(width=6.4, height=4.4):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)  # Agg canvas: no GUI, no pyplot global state
-    return fig
-
-
-def _threshold_label(result: ScoreResult) -> str:
-    rule = result.threshold_rule
-    if rule.get("source") == "given":
-        how = "given"
-    else:
-        how = f"support LOO, recall {rule.get('tpr', 0):.0%}"
-    return f"threshold {result.threshold:.4g} ({how})"
-
-
-def plot_histogram(result: ScoreResult, path: str | os.PathLike) -> None:
-    """Histogram of normality scores (known/unknown test classes apart when labelled)."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    s = result.normality
-    lo, hi = float(min(s.min(), result.threshold)), float(max(s.max(), result.threshold))
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    bins = np.linspace(lo, hi, 41)
-    is_known = result.is_known
-    if is_known is None:
-        ax.hist(s, bins=bins, color="tab:gray", alpha=0.85, label=f"test images ({len(s)})")
-    else:
-        if is_known.any():
-            ax.hist(s[is_known], bins=bins, color="tab:blue", alpha=0.6,
-                    label=f"known classes ({int(is_known.sum())})")
-        if (~is_known).any():
-            ax.hist(s[~is_known], bins=bins, color="tab:orange", alpha=0.6,
-                    label=f"unknown classes ({int((~is_known).sum())})")
-    ax.axvline(result.threshold, color="tab:red", linestyle="--", linewidth=1.5,
-               label=_threshold_label(result))
-    ax.set_xlabel("normality score (higher = more likely a known class)")
-    ax.set_ylabel("images")
-    ax.set_title(f"{result.method}: {int(result.flagged_unknown.sum())} of {len(s)} "
-                 "images flagged unknown")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def plot_roc(result: ScoreResult, path: str | os.PathLike) -> bool:
-    """ROC of knowns (positive) vs unknowns; False (nothing written) without both groups."""
-    from sklearn.metrics import roc_curve
-
-    from ..evaluation.metrics import auroc, fpr95
-
-    is_known = result.is_known
-    if is_known is None or is_known.all() or not is_known.any():
-        return False
-    fpr, tpr, _ = roc_curve(is_known, result.normality)
-    a, f95 = auroc(result.normality, is_known), fpr95(result.normality, is_known)
-    fig = _figure(5.2, 5.0)
-    ax = fig.add_subplot()
-    ax.plot(fpr, tpr, color="tab:blue", linewidth=2, label=f"AUROC {a:.4f}, FPR95 {f95:.4f}")
-    ax.plot([0, 1], [0, 1], color="tab:gray", linestyle=":", linewidth=1)
-    flagged = result.flagged_unknown
-    op_tpr = float((~flagged[is_known]).mean())
-    op_fpr = float((~flagged[~is_known]).mean())
-    ax.plot([op_fpr], [op_tpr], "o", color="tab:red", label=_threshold_label(result))
-    ax.set_xlabel("unknown images accepted as known (FPR)")
-    ax.set_ylabel("known images accepted (TPR)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_title(f"{result.method}: known vs unknown test classes")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return True
-
-
-def plot_detection_rates(result: ScoreResult, path: str | os.PathLike) -> bool:
-    """Bar chart: fraction of each test class flagged unknown (False without labels)."""
-    if result.test_labels is None:
-        return False
-    from matplotlib.patches import Patch
-
-    labels = np.array(result.test_labels, dtype=object)
-    flagged = result.flagged_unknown
-    names = sorted(set(result.test_labels), key=lambda n: (n not in result.class_names, n))
-    rates = [float(flagged[labels == n].mean()) for n in names]
-    colors = ["tab:blue" if n in result.class_names else "tab:orange" for n in names]
-    fig = _figure(max(5.0, 0.8 * len(names) + 2.0), 4.4)
-    ax = fig.add_subplot()
-    x = np.arange(len(names))
-    ax.bar(x, rates, color=colors)
-    for xi, r, n in zip(x, rates, names):
-        ax.text(xi, r + 0.01, f"{r:.0%}\n(n={int((labels == n).sum())})", ha="center",
-                va="bottom", fontsize=7)
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=30, ha="right")
-    ax.set_ylim(0, 1.15)
-    ax.set_ylabel("fraction flagged unknown")
-    ax.set_title(f"{result.method}: detection rate per test class")
-    ax.legend(handles=[Patch(color="tab:blue", label="known class (want low)"),
-                       Patch(color="tab:orange", label="unknown class (want high)")],
-              fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path)
-    return True
-
-
-# --------------------------------------------------------------------------- report
-def write_report(result: ScoreResult, out_dir: str | os.PathLike, plots: bool = True) -> dict:
-    """Write scores.csv, summary.json and the PNG plots to ``out_dir``; returns name -> path."""
-    from ..cli.common import write_json
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"scores": str(out / "scores.csv"), "summary": str(out / "summary.json")}
-    result.write_csv(files["scores"])
-    if plots:
-        files["histogram"] = str(out / "histogram.png")
-        plot_histogram(result, files["histogram"])
-        if plot_roc(result, out / "roc.png"):
-            files["roc"] = str(out / "roc.png")
-        if plot_detection_rates(result, out / "detection_rates.png"):
-            files["detection_rates"] = str(out / "detection_rates.png")
-    summary = result.summary()
-    summary["files"] = {k: os.path.basename(v) for k, v in files.items()}
-    write_json(files["summary"], summary)
-    return files

@@ -1,0 +1,406 @@
+"""Prototype detectors: one prototype per known class, the mean feature of its support images.
+
+:class:`PrototypeDetector` is the base of every method of the package. It composes
+
+- the class prototypes (:func:`class_means`, ``prototypes_``), from support features that a
+  :class:`~resend_novelty.transforms.DomainNormalizer` has normalised per domain (``center=``);
+- the method's similarities ``u`` ``(N, K)`` of test features to the prototypes
+  (:meth:`~PrototypeDetector.similarities_features`, one per subclass) and the normality
+  derived from them (max_c u_c by default);
+- optional test-time prototype refinement (``refine=``, a
+  :class:`~resend_novelty.transforms.PrototypeRefiner`);
+- threshold calibration without unknown samples (:meth:`~PrototypeDetector.calibrate`).
+
+Calibration: each support image is scored *leave-one-out* - the prototype of its own class is
+recomputed without it, the other prototypes are unchanged - so it is scored like an unseen image
+of a known class (:func:`leave_one_out_similarities`). The threshold is the ``ceil(tpr * m)``-th
+largest of the ``m`` LOO scores: at least a fraction ``tpr`` of the support images would be
+accepted as known. Images of classes with a single support image cannot be left out (their
+class would have no prototype): they are skipped with a warning naming the class.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..features import check_features
+from ..transforms import (REFINE_FRACTION, REFINE_KEEP, DomainNormalizer, PrototypeRefiner,
+                          as_mode)
+from .base import Detector
+
+__all__ = ["PrototypeDetector", "NoLOOCalibrationMixin", "class_means", "leave_one_out_similarities"]
+
+
+def class_means(features: torch.Tensor, index: torch.Tensor, n_classes: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(means (K, D), counts (K,))`` of the rows of ``features`` per class ``index`` (0..K-1)."""
+    protos = torch.zeros(n_classes, features.shape[1])
+    protos.index_add_(0, index, features)
+    counts = torch.bincount(index, minlength=n_classes).clamp_min(1)
+    return protos / counts[:, None], counts
+
+
+def leave_one_out_similarities(similarities: Callable[..., torch.Tensor],
+                               prototypes: torch.Tensor, features: torch.Tensor,
+                               index: np.ndarray, block: int = 16, progress: bool = False
+                               ) -> tuple[torch.Tensor, np.ndarray]:
+    """Leave-one-out similarities ``u`` ``(N, K)`` of the support ``features`` (row i of class
+    ``index[i]``) w.r.t. their class means ``prototypes``.
+
+    For image i of class c (n_c images) the prototype of c becomes
+    ``(n_c * p_c - f_i) / (n_c - 1)``; the other prototypes are unchanged.
+    ``similarities(features, prototypes=P)`` is the detector's u against any prototypes ``P``;
+    the similarity of each image to its own LOO prototype is the diagonal of u of a block of
+    ``block`` images against their ``block`` LOO prototypes (``block`` x more pairs than
+    needed, ``N / block`` calls). Returns ``(u, used)``: ``used`` marks the images in classes
+    with >= 2 images (the rows of ``u`` that are leave-one-out similarities); the other rows
+    are similarities to the full prototypes.
+    """
+    n_classes = prototypes.shape[0]
+    u = similarities(features).clone()  # (N, K), full prototypes
+    used = np.zeros(len(index), dtype=bool)
+    counts = np.bincount(index, minlength=n_classes)
+    bar = tqdm(total=int(counts[counts >= 2].sum()), desc="leave-one-out calibration",
+               unit="img", disable=not progress)
+    protos64 = prototypes.double()
+    feats64 = features.double()
+    for k in range(n_classes):
+        members = np.flatnonzero(index == k)
+        n = len(members)
+        if n < 2:
+            continue
+        used[members] = True
+        for start in range(0, n, block):
+            rows = torch.as_tensor(members[start : start + block])
+            loo = ((n * protos64[k] - feats64[rows]) / (n - 1)).float()
+            s = similarities(features[rows], prototypes=loo)  # (B, B)
+            u[rows, k] = torch.diagonal(s)
+            bar.update(len(rows))
+    bar.close()
+    return u, used
+
+
+class PrototypeDetector(Detector):
+    """Base class: class prototypes = mean backbone feature of the support images of each class.
+
+    ``center``: per-domain normalisation (False, True = "center", or "standardize"; see
+    :class:`~resend_novelty.transforms.DomainNormalizer`); test batches smaller than
+    ``min_center_batch`` use the support statistics unless :meth:`set_test_mean` fixed them.
+    ``refine``: steps of test-time prototype refinement (0 = off; ``refine_fraction``,
+    ``refine_keep``: see :class:`~resend_novelty.transforms.PrototypeRefiner`).
+
+    Fitted attributes: ``classes_``, ``prototypes_``, ``class_counts_``, ``class_names_``,
+    ``support_features_`` (the domain-normalised support features), ``support_mean_`` /
+    ``support_std_`` (with ``center``); after calibration ``threshold_``, ``calibration_``,
+    ``loo_scores_``.
+    """
+
+    name = "prototype"
+    # detectors whose similarities depend only on the direction of a prototype (cosine-like):
+    # the refined prototypes are unit vectors
+    supports_refinement = False
+
+    def __init__(
+        self,
+        backbone="efficientnet_lite0",
+        device=None,
+        cache=True,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        progress: bool = True,
+        center: bool | str = False,
+        min_center_batch: int = 16,
+        refine: int = 0,
+        refine_fraction: float = REFINE_FRACTION,
+        refine_keep: float = REFINE_KEEP,
+    ):
+        self.normalizer = DomainNormalizer(as_mode(center), int(min_center_batch))
+        self.refiner = self._make_refiner(refine, refine_fraction, refine_keep)
+        super().__init__(backbone, device, cache, batch_size, num_workers, progress)
+        self.test_prototypes_ = None
+
+    def _make_refiner(self, refine, fraction, keep) -> PrototypeRefiner:
+        refiner = PrototypeRefiner(refine, fraction, keep)
+        if refiner.steps and not self.supports_refinement:
+            raise ValueError(f"the {self.name} detector does not support test-time prototype "
+                             "refinement (refine > 0): it needs direction-only (cosine-like) "
+                             "prototypes")
+        return refiner
+
+    # ----------------------------------------------------------------- composed transforms
+    @property
+    def domain_norm(self) -> str:
+        """The per-domain normalisation: "none", "center" or "standardize"."""
+        return self.normalizer.mode
+
+    @domain_norm.setter
+    def domain_norm(self, mode: str) -> None:
+        self.normalizer.mode = as_mode(mode)
+
+    @property
+    def center(self) -> bool:
+        """Whether features are normalised per domain (``domain_norm`` "center"/"standardize")."""
+        return self.normalizer.active
+
+    @property
+    def min_center_batch(self) -> int:
+        return self.normalizer.min_batch
+
+    @property
+    def support_mean_(self) -> torch.Tensor:
+        return self.normalizer.support_mean_
+
+    @property
+    def support_std_(self) -> torch.Tensor | None:
+        return self.normalizer.support_std_
+
+    @property
+    def test_mean_(self) -> torch.Tensor | None:
+        return self.normalizer.test_mean_
+
+    @property
+    def test_std_(self) -> torch.Tensor | None:
+        return self.normalizer.test_std_
+
+    @property
+    def refine(self) -> int:
+        return self.refiner.steps
+
+    @property
+    def refine_fraction(self) -> float:
+        return self.refiner.fraction
+
+    @property
+    def refine_keep(self) -> float:
+        return self.refiner.keep
+
+    # ----------------------------------------------------------------- fit
+    def fit_features(self, features, labels, domains: Sequence | None = None) -> "PrototypeDetector":
+        """Prototypes from support features ``(N, D)`` and integer ``labels``.
+
+        With domain normalisation (``center=True``/``"center"`` or ``"standardize"``) the support
+        features are normalised with the statistics of their source domain when ``domains`` (one
+        id per row) is given - as in pretraining, where every domain is normalised on its own -
+        and with the statistics of the whole support set otherwise. Without domain normalisation
+        ``domains`` has no effect.
+        """
+        features, labels = self._validate_support(features, labels, domains)
+        self.test_prototypes_ = None  # refined from the old prototypes: stale
+        features = self.normalizer.fit_transform(features, domains)
+        self.support_features_ = features  # what subclasses build their own statistics from
+        idx = torch.as_tensor(np.searchsorted(self.classes_, labels))
+        self.prototypes_, counts = class_means(features, idx, len(self.classes_))
+        self.class_counts_ = counts.numpy()
+        self.class_names_ = [str(c) for c in self.classes_]
+        self._on_fit()
+        return self
+
+    def _on_fit(self) -> None:
+        """Checks of a subclass on the fitted prototypes (raise to refuse the support set)."""
+
+    def prepare_features(self, features) -> torch.Tensor:
+        """Test features as the similarities see them: checked against the fitted prototypes,
+        then normalised per domain (``center=``) with the test statistics."""
+        if not hasattr(self, "prototypes_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() first")
+        features = check_features(torch.as_tensor(features, dtype=torch.float32), "test features")
+        if features.ndim != 2 or features.shape[1] != self.prototypes_.shape[1]:
+            raise ValueError(
+                f"test features of shape {tuple(features.shape)} do not match the prototypes' "
+                f"dimension {self.prototypes_.shape[1]}"
+            )
+        return self.normalizer.transform(features, stacklevel=3)
+
+    # ----------------------------------------------------------------- test-time statistics
+    def set_test_mean(self, features) -> "PrototypeDetector":
+        """Fix the statistics used to normalise test features, from many test features ``(N, D)``
+        (e.g. a first batch of a stream); a ``(D,)`` mean is accepted when only centring.
+        ``set_test_mean(None)`` goes back to the statistics of each scored batch.
+
+        With ``refine > 0`` and test features ``(N, D)``, the refined test-domain prototypes are
+        fixed here too (after :meth:`fit`), so that a stream is scored image by image against
+        the same prototypes."""
+        self.test_prototypes_ = None
+        if features is None:
+            self.normalizer.set_statistics(None)
+            return self
+        f = check_features(torch.as_tensor(features, dtype=torch.float32), "test features")
+        self.normalizer.set_statistics(f)
+        if self.refine and f.ndim == 2 and hasattr(self, "prototypes_"):
+            self.test_prototypes_ = self.refine_prototypes(self.prepare_features(f))
+        return self
+
+    set_test_statistics = set_test_mean
+
+    def refine_prototypes(self, features: torch.Tensor) -> torch.Tensor:
+        """Prototypes moved towards the test domain (not in the paper), from normalised test
+        features ``(N, D)`` and no label: ``refine`` steps of
+        :meth:`~resend_novelty.transforms.PrototypeRefiner.refine` with this detector's own
+        similarities.
+
+        Caveat (measured, BENCHMARKS.md section *Candidates the proxy rejected*): transductive,
+        so it can fail where an unknown class is a large share of the test images: on the PACS
+        multi-source Photo target (26% of the photos are of the unknown class "person") the
+        AUROC falls from 0.73 to 0.41, while Art and Cartoon gain. Off by default.
+        :meth:`calibrate` scores the support against the unrefined prototypes.
+        """
+        return self.refiner.refine(self.prototypes_, features,
+                                   lambda x, p: self.similarities_features(x, prototypes=p))
+
+    def _test_similarities(self, features) -> torch.Tensor:
+        """u of test features: normalised (``center=``), against the refined prototypes when
+        ``refine > 0`` (those fixed by :meth:`set_test_mean`, else refined on this batch)."""
+        x = self.prepare_features(features)
+        protos = None
+        if self.refine:
+            protos = self.test_prototypes_
+            if protos is None:
+                if x.shape[0] >= max(2, self.min_center_batch):
+                    protos = self.refine_prototypes(x)
+                else:
+                    warnings.warn(
+                        f"scoring a batch of {x.shape[0]} test features (< {self.min_center_batch})"
+                        " against the unrefined support prototypes; call set_test_mean(features of "
+                        "many test images) to refine them for a stream",
+                        stacklevel=3,
+                    )
+        if protos is None:
+            return self.similarities_features(x)
+        return self.similarities_features(x, prototypes=protos)
+
+    # ----------------------------------------------------------------- scoring
+    def similarities_features(self, features, prototypes: torch.Tensor | None = None
+                              ) -> torch.Tensor:
+        """u: (N, K) similarity of each (prepared) test feature to each class prototype
+        (``prototypes``: any ``(K, D)`` rows; default ``prototypes_``)."""
+        raise NotImplementedError
+
+    def normality_from_similarities(self, u: torch.Tensor) -> torch.Tensor:
+        return u.max(dim=1).values
+
+    def score_features(self, features) -> np.ndarray:
+        u = self._test_similarities(features)
+        return self.normality_from_similarities(u).numpy()
+
+    def nearest_class_features(self, features) -> np.ndarray:
+        u = self._test_similarities(features)
+        return self.classes_[u.argmax(dim=1).numpy()]
+
+    def score_and_nearest_features(self, features) -> tuple[np.ndarray, np.ndarray]:
+        """Normality and nearest known class from one similarity computation."""
+        u = self._test_similarities(features)
+        return self.normality_from_similarities(u).numpy(), self.classes_[u.argmax(dim=1).numpy()]
+
+    # ----------------------------------------------------------------- calibration
+    def loo_scores_features(
+        self, features, labels, block: int = 16
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Leave-one-out normality of the support features the detector was fitted on (same
+        rows, same order): :meth:`loo_similarities_features`, then the normality.
+
+        Returns ``(scores, used)``: ``scores`` of the images in classes with >= 2 images,
+        ``used`` the boolean mask of those images among ``features``.
+        """
+        u, used = self.loo_similarities_features(features, labels, block)
+        return self.normality_from_similarities(u[torch.as_tensor(used)]).numpy(), used
+
+    def _loo_index(self, features, labels) -> tuple[torch.Tensor, np.ndarray]:
+        """Prepared support features and the class index of each row, checked."""
+        features = self.prepare_features(features)
+        labels = np.asarray(labels)
+        if labels.shape != (features.shape[0],):
+            raise ValueError(f"{features.shape[0]} support features but {labels.size} labels")
+        missing = sorted(set(labels.tolist()) - set(self.classes_.tolist()))
+        if missing:
+            raise ValueError(f"labels {missing} are not classes of the fitted detector")
+        return features, np.searchsorted(self.classes_, labels)
+
+    def loo_similarities_features(
+        self, features, labels, block: int = 16
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Leave-one-out similarities ``u`` ``(N, K)`` of support features w.r.t. the fitted
+        prototypes (:func:`leave_one_out_similarities`). Returns ``(u, used)``."""
+        features, idx = self._loo_index(features, labels)
+        return leave_one_out_similarities(self.similarities_features, self.prototypes_, features,
+                                          idx, block, progress=self.progress)
+
+    def calibrate_features(self, features, labels, tpr: float = 0.95) -> "PrototypeDetector":
+        """Fit on support features and set ``threshold_`` from their leave-one-out scores.
+
+        ``threshold_`` is the ``ceil(tpr * m)``-th largest of the m LOO scores, so that at least
+        ``tpr`` of the support images are accepted (recall of knowns >= ``tpr`` on the support
+        set). Classes with a single image are skipped with a warning (error if none is left).
+        Details in ``calibration_`` (tpr, n_images, skipped_classes, achieved_recall).
+        """
+        if not 0.0 < float(tpr) <= 1.0:
+            raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+        self.fit_features(features, labels)
+        return self._calibrate_fitted(features, labels, float(tpr))
+
+    def _calibrate_fitted(self, features, labels, tpr: float) -> "PrototypeDetector":
+        labels = np.asarray(labels)
+        counts = dict(zip(self.classes_.tolist(), self.class_counts_.tolist()))
+        names = dict(zip(self.classes_.tolist(), self.class_names_))
+        single = [names[c] for c, n in counts.items() if n < 2]
+        if single and len(single) == len(counts):
+            raise ValueError(
+                "cannot calibrate: every support class has a single image, so no image can be "
+                "left out (leave-one-out needs >= 2 images in a class)"
+            )
+        if single:
+            warnings.warn(
+                f"calibration skips class(es) with a single support image (leave-one-out "
+                f"impossible): {', '.join(single)}",
+                stacklevel=3,
+            )
+        scores, used = self.loo_scores_features(features, labels)
+        m = len(scores)
+        k = min(m, max(1, math.ceil(tpr * m - 1e-9)))
+        threshold = float(np.sort(scores)[::-1][k - 1])
+        self.threshold_ = threshold
+        self.calibration_ = {
+            "rule": "support leave-one-out",
+            "tpr": tpr,
+            "n_images": int(m),
+            "skipped_classes": single,
+            "achieved_recall": float((scores >= threshold).mean()),
+        }
+        self.loo_scores_ = scores
+        return self
+
+    def calibrate(self, support, labels: Sequence[int] | None = None, tpr: float = 0.95):
+        """Fit on ``support`` (as :meth:`fit`) and set ``threshold_`` from leave-one-out scores.
+
+        After this, ``predict(x)`` needs no threshold. See :meth:`calibrate_features`.
+        """
+        if not 0.0 < float(tpr) <= 1.0:
+            raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+        feats, labels = self._fit_input(support, labels)
+        return self._calibrate_fitted(feats, labels, float(tpr))
+
+
+class NoLOOCalibrationMixin:
+    """Mixin for detectors whose normality is not a function of the class similarities u.
+
+    Their ``score_features`` is their own, so the shortcut of :class:`PrototypeDetector` that
+    derives the normality and the nearest class from one pass over u is redirected to it; and
+    leave-one-out calibration (defined for prototype-style detectors) is refused.
+    """
+
+    def score_and_nearest_features(self, features) -> tuple[np.ndarray, np.ndarray]:
+        return self.score_features(features), self.nearest_class_features(features)
+
+    def calibrate(self, *args, **kwargs):
+        raise ValueError(
+            f"leave-one-out threshold calibration is not available for method {self.name!r} "
+            "(defined for the prototype methods resend/cosine/euclidean/knn/mahalanobis); "
+            "pass an explicit threshold"
+        )
+
+    calibrate_features = calibrate

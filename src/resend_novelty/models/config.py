@@ -1,0 +1,139 @@
+"""Configuration of a relational model: its architecture and its default scoring policy.
+
+:class:`RelationalConfig` fixes the function the weights compute (token width, depth, input
+normalisation, the per-domain feature normalisation it was trained on, ...); a checkpoint always
+rebuilds the same module from it. :class:`ScoringConfig` is how a detector turns the module's
+pair logits into a novelty score by default (normality function and support references); it is
+stored next to the architecture in a checkpoint but changes no weight.
+
+Older checkpoints and training recipes hold both in one dict; :func:`split_config` separates
+them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+__all__ = ["ARCHS", "NORMALITIES", "SCORING_KEYS", "RelationalConfig", "ScoringConfig",
+           "split_config", "resolve_configs"]
+
+# "transformer": the paper's relational module; the others are the ablations of the paper's
+# Table 5 (hand-designed aggregation of the two tokens + MLP, resend_novelty.models.aggregation)
+ARCHS = ("transformer", "max", "sum", "concat")
+# "softmax" = max(softmax(u)) over the classes (the paper); "max-logit" = max(u)
+NORMALITIES = ("softmax", "max-logit")
+
+
+def _from_dict(cls, d: dict, what: str):
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what}-config keys: {unknown}")
+    return cls(**d)
+
+
+@dataclass
+class RelationalConfig:
+    """Architecture of the relational module (and of the features it was trained on)."""
+
+    feature_dim: int = 1280  # backbone feature size (1280 EfficientNet-Lite0, 512 ResNet-18)
+    dim: int = 256  # token width
+    depth: int = 4  # B, number of transformer blocks (paper: 4)
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0  # dropout inside the blocks
+    input_norm: str = "l2"  # "l2" | "none": normalisation of backbone features
+    input_dropout: float = 0.0  # dropout on the (normalised) features while training
+    backbone: str = "efficientnet_lite0"  # the backbone the module was trained on
+    cosine_skip: bool = False  # add gamma * (cos(f_i, f_j) - delta) to the logit (not in the paper)
+    center_features: bool = False  # trained on per-domain centred features: detectors centre
+    # support features on the support mean and test features on the test mean (not in the paper)
+    arch: str = "transformer"  # relational module; "max"/"sum"/"concat": Table 5 ablations
+    standardize_features: bool = False  # trained on per-domain standardised features (mean and
+    # std per dimension, resend_novelty.transforms.domain_norm); detectors do the same (not in the paper)
+
+    @property
+    def domain_norm(self) -> str:
+        """The per-domain feature normalisation the module was trained with (``domain_norm``)."""
+        if self.standardize_features:
+            return "standardize"
+        return "center" if self.center_features else "none"
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.input_norm not in ("l2", "none"):
+            raise ValueError(f"input_norm must be 'l2' or 'none', got {self.input_norm!r}")
+        for name in ("feature_dim", "dim", "depth", "heads"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RelationalConfig":
+        """The config of ``d``; unknown keys are an error (see :func:`split_config` for dicts
+        that also hold the scoring)."""
+        return _from_dict(cls, d, "relational")
+
+
+@dataclass
+class ScoringConfig:
+    """Default scoring policy of a detector built on the module (no effect on the weights)."""
+
+    normality: str = "softmax"  # "softmax" = max(softmax(u)) (the paper), "max-logit" = max(u)
+    # (the similarity to the nearest prototype); one of NORMALITIES
+    neighbors: int = 0  # support references: 0 = one prototype per class (the paper);
+    # k = also the k support images of each class nearest to the test image
+    neighbor_weight: float = 1.0  # with neighbors = k: u_c = (1 - w) * logit with the class
+    # prototype + w * mean logit with the k nearest support images of class c (not in the paper)
+
+    def __post_init__(self):
+        if self.normality not in NORMALITIES:
+            raise ValueError(f"normality must be one of {NORMALITIES}, got {self.normality!r}")
+        if int(self.neighbors) < 0:
+            raise ValueError(f"neighbors must be >= 0 (0 = class prototypes), got {self.neighbors}")
+        if not 0.0 <= float(self.neighbor_weight) <= 1.0:
+            raise ValueError(f"neighbor_weight must be in [0, 1], got {self.neighbor_weight}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScoringConfig":
+        """The scoring of ``d``; unknown keys are an error."""
+        return _from_dict(cls, d, "scoring")
+
+
+SCORING_KEYS = tuple(f.name for f in fields(ScoringConfig))
+
+
+def split_config(d: dict) -> tuple[RelationalConfig, ScoringConfig]:
+    """Split a combined dict (architecture and scoring keys together, as in checkpoints written
+    before the two were separated, or a training recipe) into its two configs.
+
+    Missing keys take their defaults; keys of neither config are an error.
+    """
+    arch = {k: v for k, v in d.items() if k not in SCORING_KEYS}
+    scoring = {k: v for k, v in d.items() if k in SCORING_KEYS}
+    return RelationalConfig.from_dict(arch), ScoringConfig(**scoring)
+
+
+def resolve_configs(
+    config: RelationalConfig | None, scoring: ScoringConfig | None, kwargs: dict
+) -> tuple[RelationalConfig, ScoringConfig]:
+    """The configs of a model built with ``config`` / ``scoring`` or with keyword arguments
+    ``kwargs`` (fields of either config, as accepted by :func:`split_config`), not both."""
+    if kwargs and config is not None:
+        raise TypeError("pass either a config or keyword arguments, not both")
+    if config is None:
+        arch = {k: v for k, v in kwargs.items() if k not in SCORING_KEYS}
+        given = {k: v for k, v in kwargs.items() if k in SCORING_KEYS}
+        if given and scoring is not None:
+            raise TypeError("pass either a scoring config or scoring keyword arguments, not both")
+        config = RelationalConfig(**arch)
+        if given:
+            scoring = ScoringConfig(**given)
+    return config, scoring if scoring is not None else ScoringConfig()
