@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import zlib
 from pathlib import Path
 
@@ -65,3 +66,42 @@ def tiny_backbone():
             return self.net(x)
 
     return Tiny()
+
+
+class _Exploit:
+    """Unpickling this creates a file: a stand-in for arbitrary code execution."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.target),))
+
+
+@pytest.fixture(scope="session")
+def evil_pickle():
+    """``evil_pickle(path, marker)``: write a pickle at ``path`` whose unpickling creates ``marker``."""
+
+    def write(path: Path, marker: Path) -> Path:
+        with open(path, "wb") as fh:
+            pickle.dump({"weight": _Exploit(marker)}, fh)
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def spread_model():
+    """``spread_model(depth=2, seed=0, **config)``: a small relational module (24-d features) with
+    weights spread out (the default init makes all outputs nearly equal)."""
+    from resend_novelty.models import RelationalConfig, RelationalModule
+
+    def build(depth=2, seed=0, **kw) -> RelationalModule:
+        torch.manual_seed(seed)
+        m = RelationalModule(RelationalConfig(feature_dim=24, dim=32, depth=depth, heads=4, **kw))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        return m.eval()
+
+    return build

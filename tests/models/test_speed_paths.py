@@ -12,19 +12,10 @@ from resend_novelty.detectors import ReSeNDDetector
 from resend_novelty.models import RelationalConfig, RelationalModule, sdpa_attention, short_attention
 
 
-def _spread_model(depth=2, seed=0, **kw) -> RelationalModule:
-    """Small model with weights spread out (the default init makes all outputs nearly equal)."""
-    torch.manual_seed(seed)
-    m = RelationalModule(RelationalConfig(feature_dim=24, dim=32, depth=depth, heads=4, **kw))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return m.eval()
-
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_fast_pairwise_path_equals_relate_and_is_used(depth, monkeypatch):
-    m = _spread_model(depth=depth, seed=depth)
+def test_fast_pairwise_path_equals_relate_and_is_used(depth, monkeypatch, spread_model):
+    m = spread_model(depth=depth, seed=depth)
     q, k = torch.randn(9, 24), torch.randn(4, 24)
     with torch.no_grad():
         ref = m(q.repeat_interleave(4, 0), k.repeat(9, 1)).view(9, 4)  # relate(), query-major
@@ -39,8 +30,8 @@ def test_fast_pairwise_path_equals_relate_and_is_used(depth, monkeypatch):
     assert ref.std() > 1e-2
 
 
-def test_train_mode_and_subclasses_use_relate():
-    m = _spread_model()
+def test_train_mode_and_subclasses_use_relate(spread_model):
+    m = spread_model()
     m.train()
     assert not m._fast_pairs()
 
@@ -62,8 +53,8 @@ def _pairs(m, q, k):
     return (zq.repeat_interleave(len(k), 0), zk.repeat(len(q), 1))
 
 
-def test_detector_streams_test_features_in_chunks(monkeypatch):
-    m = _spread_model()
+def test_detector_streams_test_features_in_chunks(monkeypatch, spread_model):
+    m = spread_model()
     det = ReSeNDDetector(model=m, backbone=None, device="cpu", progress=False, chunk_pairs=3 * 4)
     det.fit_features(torch.randn(6, 24), np.array([0, 0, 1, 1, 2, 2]))
     seen = []
@@ -80,8 +71,8 @@ def test_detector_streams_test_features_in_chunks(monkeypatch):
     assert seen[0] == 3 and max(seen[1:]) <= 4 and sum(seen[1:]) == 50
 
 
-def test_default_chunk_is_small_on_cpu(monkeypatch):
-    m = _spread_model()
+def test_default_chunk_is_small_on_cpu(monkeypatch, spread_model):
+    m = spread_model()
     det = ReSeNDDetector(model=m, backbone=None, device="cpu", progress=False)
     det.fit_features(torch.randn(4, 24), np.array([0, 0, 1, 1]))
     got = {}

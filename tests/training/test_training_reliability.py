@@ -21,21 +21,6 @@ from resend_novelty.models import load_checkpoint, read_metadata
 from resend_novelty.training import TrainConfig, train
 
 
-class _Exploit:
-    """Unpickling this creates a file: a stand-in for arbitrary code execution."""
-
-    def __init__(self, target):
-        self.target = str(target)
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.target),))
-
-
-def _evil_pickle(path: Path, marker: Path) -> Path:
-    with open(path, "wb") as fh:
-        pickle.dump({"weight": _Exploit(marker)}, fh)
-    return path
-
 
 @pytest.fixture
 def synth(tmp_path):
@@ -57,13 +42,13 @@ def _cfg(synth, out, **kw):
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_resume_never_unpickles_code_from_a_training_state(synth, tmp_path):
+def test_resume_never_unpickles_code_from_a_training_state(synth, tmp_path, evil_pickle):
     """A tampered OUT/checkpoints/*/state.pt is read with weights_only=True: resume fails cleanly."""
     out = tmp_path / "run"
     train(_cfg(synth, out, steps=2), progress=False)
     info = json.loads((out / "latest.json").read_text())
     marker = tmp_path / "pwned"
-    _evil_pickle(out / "checkpoints" / info["path"] / "state.pt", marker)
+    evil_pickle(out / "checkpoints" / info["path"] / "state.pt", marker)
     with pytest.raises(pickle.UnpicklingError):
         train(_cfg(synth, out, steps=4), resume=True, progress=False)
     assert not marker.exists()
