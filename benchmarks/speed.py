@@ -1,9 +1,11 @@
 """Speed of ReSeND: batched scoring vs a one-image-at-a-time loop, feature extraction,
 pretraining throughput and the wall time of the 7 PACS settings (issue 8).
 
-    python benchmarks/speed.py --data-root ../shared/data                 # parts a b c d (warm cache)
+    python benchmarks/speed.py --data-root ../shared/data                 # parts a-e (warm cache)
     python benchmarks/speed.py --parts a --n-test 2048 --loop-n 200       # scorer only, no data needed
     python benchmarks/speed.py --parts d --cold --data-root ../shared/data   # + cold feature cache
+    python benchmarks/speed.py --parts e --data-root ../shared/data --e-torch-cache DIR  # engines
+    python benchmarks/speed.py --parts f --data-root ../shared/data  # scale (warm feature cache)
 
 Parts (all in one process, on one ``--device``; every number below is measured in this run):
 
@@ -20,6 +22,16 @@ b. Feature extraction (EfficientNet-Lite0, no cache) of a fixed subset of PACS i
 c. Pretraining pairs/s: frozen-backbone mode on a synthetic .safetensors features file, and
    end-to-end mode (``TrainConfig(frozen_backbone=False)``) on a handful of PACS images given as
    a list file. A 1-step warm-up run precedes each timed run.
+e. The inference engines on a plain CPU (issue 20, :mod:`_speed_engine`): on the same
+   ``--e-images`` PACS images decode alone, inference alone (torch vs ONNX Runtime, fraction of
+   the FLOP limit) and cold extraction with each engine; then the cold wall time of the README's
+   main job ``resend benchmark pacs-multi`` (fresh cache, ``--engine auto``) and its AUROC/FPR95
+   next to ``--engine torch`` on ``--e-torch-cache`` (``--e-no-job`` skips the job).
+f. Scale (issue 24, :mod:`_speed_scale`): per-test-image time and peak RSS of the default
+   scoring (candidate classes) for 6 to 1,000 classes and 1k to 100k support images (synthetic
+   features), exact scoring next to it up to ``--f-exact-max`` classes, and the AUROC of the
+   shortcut against exact scoring on every PACS target (cached features; the rule for the
+   default number of candidates is in :mod:`_speed_scale`).
 d. Wall time of the 7 PACS targets (pacs-multi 4 + pacs-single 3) through
    ``resend_novelty.evaluation.run_benchmark`` from images, with the cosine and the resend
    method. ``--cold`` first runs them with a fresh, empty ``RESEND_CACHE`` (full extraction of
@@ -48,6 +60,8 @@ import torch
 from safetensors.torch import save_file
 
 from _report import BENCHMARKS_MD, machine
+from _speed_engine import format_e, part_e
+from _speed_scale import DEFAULT_GRID, format_f, part_f
 
 from resend_novelty.backbones import build_backbone
 from resend_novelty.data import list_images, load_image
@@ -77,13 +91,15 @@ from resend_novelty.report import (
 )
 from resend_novelty.training import TrainConfig, train
 
-PARTS = ("a", "b", "c", "d")
+PARTS = ("a", "b", "c", "d", "e", "f")
 PART_LABEL = "speed part"  # BENCHMARKS.md: "<!-- speed part a -->" opens part a of the section
 PART_TITLES = {
     "a": "(a) Relational scoring: batched vs one test image at a time",
     "b": "(b) Feature extraction (EfficientNet-Lite0, no cache)",
     "c": "(c) Pretraining throughput",
     "d": "(d) PACS, all 7 targets, from images",
+    "e": "(e) Inference engines on the CPU: torch vs ONNX Runtime, cold extraction, the main job",
+    "f": "(f) Scale: candidate classes, 6 to 1,000 classes, 1k to 100k support images",
 }
 
 
@@ -633,6 +649,23 @@ def main(argv=None) -> int:
                    "its backbone decides which features are scored")
     g.add_argument("--max-per-class", type=int, default=None,
                    help="first N images per class of each list (quick check, not the protocol)")
+    g = ap.add_argument_group("part e (inference engines)")
+    g.add_argument("--e-images", type=int, default=500, help="PACS images timed (evenly spaced)")
+    g.add_argument("--e-no-job", action="store_true",
+                   help="skip the cold run of `resend benchmark pacs-multi` (the README's main job)")
+    g.add_argument("--e-torch-cache", default=None, metavar="DIR",
+                   help="also run the main job with --engine torch on this cache (e.g. a warm one "
+                   "filled by the torch engine) to compare AUROC/FPR95")
+    g = ap.add_argument_group("part f (scale: candidate classes)")
+    g.add_argument("--f-grid", nargs="+", default=[f"{k}x{n}" for k, n in DEFAULT_GRID],
+                   metavar="CLASSESxPER_CLASS", help="support sets of the cost curve (default: "
+                   + " ".join(f"{k}x{n}" for k, n in DEFAULT_GRID) + ")")
+    g.add_argument("--f-test", type=int, default=200, help="test features scored per point")
+    g.add_argument("--f-repeats", type=int, default=2, help="timed repeats per point (fastest kept)")
+    g.add_argument("--f-exact-max", type=int, default=100,
+                   help="also time exact scoring (candidates=0) up to this many classes")
+    g.add_argument("--f-no-accuracy", action="store_true",
+                   help="skip the PACS accuracy check of the shortcut (no data needed)")
     ap.add_argument("--section", default="speed", help="BENCHMARKS.md section (default: speed)")
     ap.add_argument("--no-write", action="store_true", help="print, do not touch BENCHMARKS.md")
     ap.add_argument("--json", default=None, help="also write the raw results to this JSON file")
@@ -655,7 +688,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device) if args.device else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     data_root = Path(args.data_root) if args.data_root else None
-    needs_data = ("d" in args.parts or ("b" in args.parts and not args.images)
+    needs_data = ("d" in args.parts or "e" in args.parts or
+                  ("f" in args.parts and not args.f_no_accuracy) or ("b" in args.parts and not args.images)
                   or ("c" in args.parts and "end-to-end" in args.train_modes))
     if needs_data and data_root is None:
         ap.error("parts b (without --images), c (end-to-end) and d need --data-root "
@@ -701,6 +735,22 @@ def main(argv=None) -> int:
                              feature_dim=args.train_feature_dim, model_cfg=args.train_model)
                 md = format_c(res, device)
                 results["c"] = res
+            elif part == "f":
+                try:
+                    grid = [tuple(int(v) for v in g.lower().split("x")) for g in args.f_grid]
+                except ValueError:
+                    ap.error(f"--f-grid takes CLASSESxPER_CLASS items, got {args.f_grid}")
+                res = part_f(device, data_root, grid, args.f_test, args.f_repeats,
+                             args.f_exact_max, accuracy_check=not args.f_no_accuracy,
+                             progress=not args.quiet)
+                md = format_f(res, device)
+                results["f"] = res
+            elif part == "e":
+                res = part_e(pacs_subset(data_root, args.e_images), tmp, data_root,
+                             args.batch_size, job=not args.e_no_job,
+                             torch_cache=args.e_torch_cache)
+                md = format_e(res, device)
+                results["e"] = res
             else:
                 res = part_d(device, data_root, tmp, cold=args.cold,
                              features_file=args.features_file, max_per_class=args.max_per_class,

@@ -11,6 +11,8 @@ from .detectors import (  # noqa: E402
     PrototypeDetector,
     ReSeNDDetector,
     build_detector,
+    load_detector,
+    save_detector,
 )
 from .features import FeatureCache, extract_features  # noqa: E402
 from .models import (  # noqa: E402
@@ -25,6 +27,6 @@ __all__ = [
     "Backbone", "build_backbone", "FeatureCache", "load_checkpoint", "save_checkpoint",
     "DataError", "ImageDataset", "read_list_file", "scan_class_folders", "UNKNOWN",
     "CosineDetector", "EuclideanDetector", "PrototypeDetector", "ReSeNDDetector",
-    "build_detector", "extract_features", "RelationalConfig", "RelationalModule",
+    "build_detector", "load_detector", "save_detector", "extract_features", "RelationalConfig", "RelationalModule",
     "ScoringConfig",
 ]

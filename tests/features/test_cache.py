@@ -33,6 +33,7 @@ def _extract(bb, paths, **kw):
     kw.setdefault("num_workers", 0)
     kw.setdefault("progress", False)
     kw.setdefault("device", "cpu")
+    kw.setdefault("engine", "torch")  # the forward hooks count torch calls (engines: test_engine)
     return extract_features(bb, paths, **kw)
 
 

@@ -206,7 +206,7 @@ def test_end_to_end_user_mode_cli(class_folders, tiny_backbone, tiny_registered,
     rc = main(["osdg", "--probs", str(tmp_path / "test_probs.csv"), "--support", str(sup_list),
                "--test", str(test_list), "--root", str(class_folders), "--method", "cosine",
                "--backbone", tiny_registered, "--threshold", "2", "--normalize", "none",
-               "--quiet", "--json", str(out_json)])
+               "--quiet", "--json", str(out_json), "--overwrite"])  # replaces the first run's
     assert rc == 0
     m = json.loads(out_json.read_text())
     assert m["fused"]["rejected"] == 1.0 and m["fused"]["threshold"] == 2.0

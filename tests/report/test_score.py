@@ -316,7 +316,7 @@ def test_cli_resend_checkpoint_and_explicit_threshold(class_folders, tiny_regist
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["method"] == "resend" and summary["threshold"] == 0.5
     assert summary["metrics"] is None and summary["test_layout"] == "nested"
-    assert sorted(summary["files"]) == ["histogram", "scores", "summary"]
+    assert sorted(summary["files"]) == ["histogram", "report", "scores", "summary"]
     with open(tmp_path / "o" / "scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 5
@@ -359,7 +359,8 @@ def test_rescoring_uses_the_feature_cache(class_folders, tiny_registered, tmp_pa
     monkeypatch.setattr(tiny_registered, "forward",
                         lambda self, x: calls.append(len(x)) or forward(self, x))
     argv = ["--support", class_folders / "support", "--test", class_folders / "test",
-            "--method", "cosine", "--backbone", "tiny_test_cnn", "--no-plots"]
+            "--method", "cosine", "--backbone", "tiny_test_cnn", "--no-plots",
+            "--engine", "torch"]  # the counter wraps torch's forward
     rc, out1, _ = _run_cli(capsys, *argv, "--out", tmp_path / "a")
     assert rc == 0 and sum(calls) == 24  # 12 support + 12 test images
     rc, out2, _ = _run_cli(capsys, *argv, "--out", tmp_path / "b")

@@ -6,7 +6,7 @@ import os
 
 from ..evaluation import SETTINGS, format_table, get_setting, run_benchmark, setting_summary
 from ..report import write_json
-from .common import add_detector_options, detector_factory
+from .common import add_detector_options, detector_factory, check_output
 
 
 def add_parser(sub, name):
@@ -42,6 +42,8 @@ def add_parser(sub, name):
     )
     p.add_argument("--json", default=None, metavar="OUT",
                    help='write {"targets": {name: {"auroc", "fpr95", ...}}, "avg": {...}} to OUT')
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --json file (refused otherwise)")
     add_detector_options(p)
     return p
 
@@ -80,6 +82,9 @@ def _print_list(data_root, lists_dir) -> None:
 
 
 def run(args) -> int:
+    for flag, path in (("--json", args.json), ):
+        if path:  # checked before any work
+            check_output(path, flag=flag, overwrite=args.overwrite)
     data_root = args.data_root or os.environ.get("RESEND_DATA") or None
     if args.list or not args.setting:
         _print_list(data_root, args.lists_dir)
@@ -100,9 +105,11 @@ def run(args) -> int:
         lists_dir=args.lists_dir, max_per_class=args.max_per_class,
     )
     result["method"] = args.method
+    result["per_image"] = bool(getattr(args, "per_image", False))
     # the paper's numbers are ReSeND's: shown next to the resend method only
     paper = setting.paper if args.method == "resend" and not args.max_per_class else None
-    print(format_table(result, f"({args.method})", paper))
+    mode = ", per image" if result["per_image"] else ""
+    print(format_table(result, f"({args.method}{mode})", paper))
     if args.max_per_class:
         print(f"\n(first {args.max_per_class} images per class only: not the official protocol)")
     print(f"\n{result['seconds']:.1f} s")

@@ -12,11 +12,11 @@ import argparse
 
 from ..backbones import build_backbone
 from ..detectors import DETECTORS, build_detector
-from ..features import FeatureCache
+from ..features import ENGINES, FeatureCache
 from ..models import load_checkpoint
 from .detector_options import METHOD_HELP, add_baseline_options, baseline_kwargs
 
-__all__ = ["add_detector_options", "detector_factory", "feature_cache"]
+__all__ = ["add_detector_options", "add_engine_option", "detector_factory", "feature_cache"]
 
 
 def feature_cache(args) -> FeatureCache | bool:
@@ -62,15 +62,30 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
         "only); default: the checkpoint's own",
     )
     p.add_argument(
+        "--candidates", type=int, default=None, metavar="M",
+        help="--method resend: score with the relational module only the M classes nearest to "
+        "each test image by cosine (the others cannot be the nearest class); 0 = every class "
+        "(exact; so is any M >= the number of classes); default: the checkpoint's own",
+    )
+    p.add_argument(
         "--refine", type=int, default=None, metavar="STEPS",
         help="--method resend or cosine/cosine-centered/cosine-standardized: STEPS of test-time "
         "prototype refinement on the test images scored together (not in the paper; default 0 = "
         "off). Transductive; it can fail badly when an unknown class is a large share of the "
         "test images (PACS Photo target: AUROC 0.41, see BENCHMARKS.md)",
     )
+    p.add_argument(
+        "--per-image", action="store_true",
+        help="score each test image alone: no statistic of any other test image is used (the "
+        "per-domain normalisation of the test features uses the support statistics; the "
+        "scores do not depend on which images are scored together). Default: transductive "
+        "(test statistics from the test images scored together). Not with --refine",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per backbone batch (default 64)")
-    p.add_argument("--workers", type=int, default=None, help="image-decoding worker processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding threads (default min(4, CPUs); 0 = no prefetching)")
+    add_engine_option(p)
     p.add_argument(
         "--cache-dir", default=None,
         help="feature cache directory (default $RESEND_CACHE or ~/.cache/resend_novelty)",
@@ -80,6 +95,16 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
     add_baseline_options(p)
 
 
+def add_engine_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine", default="auto", choices=ENGINES,
+        help="backbone inference engine: 'onnx' (ONNX Runtime, CPU only; the graph is exported "
+        "from the backbone on first use into the cache folder and checked against torch), "
+        "'torch', or 'auto' (default: onnx on the CPU, torch on CUDA). Both engines share the "
+        "feature cache: their features agree within 1e-4",
+    )
+
+
 def detector_factory(args):
     """A function returning a fresh detector configured from the CLI options."""
     cache = feature_cache(args)
@@ -87,6 +112,10 @@ def detector_factory(args):
     if args.method == "resend":
         model = load_checkpoint(args.model)
         bb_name = model.config.backbone
+        if args.backbone != bb_name and set(bb_name.split("+")) & set(DOWNLOADING_BACKBONES):
+            raise ValueError(  # never a download the user did not ask for
+                f"the checkpoint {args.model} was trained on {bb_name}, whose weights torchvision "
+                f"downloads from the internet: pass --backbone {bb_name} to allow it")
         if args.backbone and args.backbone != bb_name:
             raise ValueError(
                 f"--backbone {args.backbone} differs from the checkpoint's backbone {bb_name}"
@@ -100,11 +129,12 @@ def detector_factory(args):
     backbone = build_backbone(bb_name)  # built once, shared by every detector
     common = dict(
         backbone=backbone, device=args.device, cache=cache, batch_size=args.batch_size,
-        num_workers=args.workers, progress=not args.quiet,
+        num_workers=args.workers, progress=not args.quiet, engine=getattr(args, "engine", "auto"),
     )
     common.update(baseline_kwargs(args))
 
-    resend_only = {k: getattr(args, k, None) for k in ("normality", "neighbors", "neighbor_weight")}
+    resend_only = {k: getattr(args, k, None) for k in ("normality", "neighbors", "neighbor_weight",
+                                                    "candidates")}
     resend_only = {k: v for k, v in resend_only.items() if v is not None}
     if resend_only and args.method != "resend":
         flags = "/--".join(k.replace("_", "-") for k in resend_only)
@@ -112,8 +142,81 @@ def detector_factory(args):
     common.update(resend_only)
     if getattr(args, "refine", None):
         common["refine"] = args.refine  # detectors without refinement raise a clear error
+    if getattr(args, "per_image", False):
+        common["per_image"] = True  # with --refine: a clear error from the detector
 
     def make():
         return build_detector(args.method, model=model, **common)
 
     return make
+
+
+def check_output(path, *, inside=(), overwrite: bool = False, folder: bool = False,
+                 flag: str = "--out", owned=()) -> None:
+    """Check an output path BEFORE any work; raises ValueError naming it (exit 2 in the CLI).
+
+    Refused: a path inside (or equal to) one of the input folders ``inside`` (its files would
+    become input on the next run); a file where a folder is wanted and the reverse; an existing
+    output (a non-empty folder, or a file) without ``overwrite`` (nothing is overwritten
+    silently); a place that cannot be written (a probe file is created and removed). With
+    ``overwrite`` and ``folder``, the files named ``owned`` (the command's own outputs) are
+    removed, so no stale plot of an earlier run stays; nothing else is deleted.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    p = Path(path)
+    real = Path(os.path.realpath(p))
+    for src in inside:
+        if src is None:
+            continue
+        s = Path(os.path.realpath(src))
+        if real == s or s in real.parents:
+            raise ValueError(f"{flag} {p} lies inside the input folder {src}: its files would be "
+                             "read as input images on the next run; choose another folder")
+    if folder:
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{flag} {p} is a file, not a folder")
+        if p.is_dir() and any(p.iterdir()):
+            if not overwrite:
+                raise ValueError(f"{flag} {p} already holds files: pass --overwrite to replace "
+                                 "this command's outputs in it, or choose another folder")
+            for name in owned:
+                if (p / name).is_file():
+                    (p / name).unlink()
+        target = p
+    else:
+        if p.is_dir():
+            raise ValueError(f"{flag} {p} is a folder, not a file")
+        if p.exists() and not overwrite:
+            raise ValueError(f"{flag} {p} exists: pass --overwrite to replace it")
+        target = p.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".resend-write-check-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{flag} {p} cannot be written: {exc.strerror or exc}") from None
+
+
+def finite_float(value: str) -> float:
+    """argparse type: a float that is not NaN or infinite."""
+    import math
+
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return v
+
+
+#: The files ``resend score`` writes into its --out folder (replaced with --overwrite).
+REPORT_FILES = ("scores.csv", "summary.json", "histogram.png", "roc.png", "detection_rates.png",
+                "report.html")
+
+#: Backbones whose weights are downloaded at run time (used only when named by --backbone).
+DOWNLOADING_BACKBONES = ("resnet18",)

@@ -8,6 +8,7 @@ options into the typed keyword arguments of :func:`resend_novelty.detectors.buil
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..detectors import BASELINES, FT_METHODS
 
@@ -44,6 +45,8 @@ def baseline_kwargs(args: argparse.Namespace) -> dict:
     """Detector keyword arguments of ``args.method`` from the options of add_baseline_options."""
     method = args.method
     if method == "knn":
+        if getattr(args, "knn_k", 10) < 1:
+            raise ValueError(f"--knn-k must be >= 1, got {args.knn_k}")
         return {"k": getattr(args, "knn_k", 10)}
     if method not in FT_METHODS:
         return {}
@@ -53,11 +56,12 @@ def baseline_kwargs(args: argparse.Namespace) -> dict:
             budget = float(budget)
         except ValueError:
             raise ValueError(f"--ft-budget must be 'resend' or seconds, got {budget!r}") from None
-        if budget < 0:
-            raise ValueError(f"--ft-budget must be >= 0 seconds, got {budget}")
+        if not math.isfinite(budget) or budget < 0:  # nan would never end the training
+            raise ValueError(f"--ft-budget must be a finite number of seconds >= 0, got {budget}")
         if budget == 0:
             budget = None
     epochs = getattr(args, "ft_epochs", None)
+    _check_baseline_numbers(args, method)
     if budget is None and epochs is None:
         raise ValueError("--ft-budget 0 (no time budget) needs --ft-epochs N")
     kw = {"budget": budget, "epochs": epochs, "hidden": getattr(args, "ft_hidden", None),
@@ -66,3 +70,23 @@ def baseline_kwargs(args: argparse.Namespace) -> dict:
         kw.update(temperature=getattr(args, "odin_temperature", 1000.0),
                   odin_eps=getattr(args, "odin_eps", 0.0014))
     return kw
+
+
+def _check_baseline_numbers(args, method: str) -> None:
+    """Refuse ft-* option values that would train nothing or silently misbehave."""
+    epochs = getattr(args, "ft_epochs", None)
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"--ft-epochs must be >= 1, got {epochs}")
+    hidden = getattr(args, "ft_hidden", None)
+    if hidden is not None and hidden < 0:
+        raise ValueError(f"--ft-hidden must be >= 0 (0 = linear head), got {hidden}")
+    lr = getattr(args, "ft_lr", 1e-2)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--ft-lr must be a finite number > 0, got {lr}")
+    if method == "ft-odin":
+        t = getattr(args, "odin_temperature", 1000.0)
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"--odin-temperature must be a finite number > 0, got {t}")
+        eps = getattr(args, "odin_eps", 0.0014)
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"--odin-eps must be a finite number >= 0, got {eps}")

@@ -9,7 +9,7 @@ import numpy as np
 from ..data import read_list_file
 from ..evaluation import closed_set_accuracy, novelty_report
 from ..report import write_json
-from .common import add_detector_options, detector_factory
+from .common import add_detector_options, detector_factory, check_output
 
 
 def add_parser(sub, name):
@@ -28,11 +28,16 @@ def add_parser(sub, name):
     p.add_argument("--test", required=True, help="test list file: '<path> <label>' per line")
     p.add_argument("--json", default=None, metavar="OUT",
                    help="write auroc, fpr95, aupr_in, aupr_out, n_known, n_unknown, ... to OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --json file (refused otherwise)")
     add_detector_options(p)
     return p
 
 
 def run(args) -> int:
+    for flag, path in (("--json", args.json), ):
+        if path:  # checked before any work
+            check_output(path, flag=flag, overwrite=args.overwrite)
     support = read_list_file(args.support, args.root)
     test = read_list_file(args.test, args.root)
     det = detector_factory(args)()
@@ -45,9 +50,11 @@ def run(args) -> int:
     acc = closed_set_accuracy(nearest, labels, is_known)
     rep["closed_set_accuracy"] = None if math.isnan(acc) else acc
     rep["method"] = args.method
+    rep["per_image"] = bool(getattr(args, "per_image", False))
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"method {args.method}: AUROC {fmt(rep['auroc'])}  FPR95 {fmt(rep['fpr95'])}  "
-          f"(known {rep['n_known']}, unknown {rep['n_unknown']})")
+          f"(known {rep['n_known']}, unknown {rep['n_unknown']}; "
+          f"{'per image' if rep['per_image'] else 'transductive'})")
     if "note" in rep:
         print(f"note: {rep['note']}")
     if args.json:

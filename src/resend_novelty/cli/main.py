@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sqlite3
 import sys
 
 from .. import __version__
-from ..data import DataError
+from ..data import DataError, printable
 
 # sub-command name -> module under resend_novelty.cli
 COMMANDS = {
@@ -27,6 +28,7 @@ COMMANDS = {
     "features": "features",
     "pretrain": "pretrain",
     "score": "score",
+    "fit": "fit",
     "osdg": "osdg",
 }
 
@@ -55,12 +57,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (DataError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"resend {args.command}: error: {exc}", file=sys.stderr)
+    except (DataError, ValueError, RuntimeError) as exc:
+        print(f"resend {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:  # a corrupt feature cache
+        print(f"resend {args.command}: error: feature cache: {_one_line(exc)} (pass --cache-dir "
+              "elsewhere or --no-cache)", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable / read-only / missing paths, a file for a folder, ...
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"resend {args.command}: error: {printable(where)}{_one_line(exc.strerror or exc)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"resend {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(exc) -> str:
+    """An error message as one printable line (no terminal escape codes from file names)."""
+    text = str(exc) or type(exc).__name__
+    return " | ".join(printable(line) for line in text.splitlines() if line.strip()) or text
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,10 +28,11 @@ from ..osdg import (
     evaluate_osdg,
     format_osdg_table,
     load_probabilities,
+    oscr_metrics,
     run_osdg_benchmark,
 )
 from ..report import write_json
-from .common import add_detector_options, detector_factory, feature_cache
+from .common import add_detector_options, detector_factory, feature_cache, check_output
 
 
 def _weights(text: str) -> tuple[float, float]:
@@ -99,10 +100,13 @@ def add_parser(sub, name):
     f.add_argument("--folds", type=int, default=5,
                    help="folds for the out-of-fold source scores (default 5)")
     f.add_argument("--seed", type=int, default=0, help="seed of the folds and the linear head (default 0)")
-    p.add_argument("--classifier-backbone", default="efficientnet_lite0",
-                   help="benchmark mode: frozen backbone under the ERM linear head "
-                   "(default efficientnet_lite0)")
+    p.add_argument("--classifier-backbone", default=None, metavar="NAME",
+                   help="benchmark mode: frozen backbone under the ERM linear head (default: the "
+                   "detector's own backbone, i.e. for --method resend the fine-tuned features of "
+                   "the novelty score; efficientnet_lite0 = the ImageNet features used before)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the metrics as JSON to OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --json/--out-csv file (refused otherwise)")
     add_detector_options(p)
     return p
 
@@ -118,6 +122,9 @@ def _fmt(v) -> str:
 
 
 def run(args) -> int:
+    for flag, path in (("--json", args.json), ("--out-csv", args.out_csv)):
+        if path:  # checked before any work
+            check_output(path, flag=flag, overwrite=args.overwrite)
     if args.setting:
         user = [o for o in ("probs", "support_probs", "support", "test", "root", "out_csv")
                 if getattr(args, o) is not None]
@@ -147,14 +154,16 @@ def _run_benchmark(args) -> int:
         return det0.features(paths, desc=f"{setting.name} features")[0]
 
     clf_features = None
-    if args.classifier_backbone != det_bb.name:
-        clf_bb = build_backbone(args.classifier_backbone)
+    clf_name = args.classifier_backbone or det_bb.name
+    if clf_name != det_bb.name:
+        clf_bb = build_backbone(clf_name)
         cache = feature_cache(args)
 
         def clf_features(paths):
             return extract_features(
                 clf_bb, paths, cache=cache, batch_size=args.batch_size, num_workers=args.workers,
                 device=args.device, progress=not args.quiet, desc="classifier features",
+                engine=args.engine,
             )
 
     norm = _normalize(args)
@@ -163,7 +172,7 @@ def _run_benchmark(args) -> int:
         normalize=norm, threshold=args.threshold, accept=args.accept, folds=args.folds,
         seed=args.seed, progress=not args.quiet,
     )
-    result.update(method=args.method, classifier=f"ERM linear head on {args.classifier_backbone}")
+    result.update(method=args.method, classifier=f"ERM linear head on {clf_name}")
     print(format_osdg_table(result, args.method))
     print(f"\nfusion weights {args.weights}, normalize {norm}, threshold "
           + (f"{args.threshold} (fixed)" if args.threshold is not None
@@ -205,12 +214,14 @@ def _run_user(args) -> int:
     nov = det.score_features(q_feats)
     metrics, arrays = evaluate_osdg(probs, nov, q_lab, classes, src_probs, src_nov, args.weights,
                                     norm, args.threshold, args.accept)
+    for row, value in oscr_metrics(arrays, q_lab, classes).items():
+        metrics[row]["oscr"] = value
     metrics["method"] = args.method
     metrics["classes"] = classes.tolist()
     for row, title in (("msp", "classifier alone (MSP)"), ("fused", f"MSP + {args.method}")):
         m = metrics[row]
         print(f"{title:28s} AUROC {_fmt(m['auroc'])}  Acc {_fmt(m['acc'])}  H-score "
-              f"{_fmt(m['h_score'])}  (threshold {m['threshold']:.4f}, rejected {m['rejected']:.1%})")
+              f"{_fmt(m['h_score'])}  OSCR {_fmt(m['oscr'])}  (threshold {m['threshold']:.4f}, rejected {m['rejected']:.1%})")
     print(f"known {metrics['fused']['n_known']}, unknown {metrics['fused']['n_unknown']}")
     if args.out_csv:
         out = Path(args.out_csv)

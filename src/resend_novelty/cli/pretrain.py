@@ -25,7 +25,8 @@ def add_parser(sub, name):
             "different classes -> 0). Defaults follow the paper (LARS, lr 0.008, 500 warm-up "
             "steps, 4096 pairs a step, MSE). Multi-GPU: torchrun --nproc_per_node N -m "
             "resend_novelty.cli pretrain with the same options. Ctrl-C writes a checkpoint; "
-            "--resume continues exactly."
+            "--resume continues exactly; an OUT holding a run is never overwritten without --overwrite. "
+            "Exit status 130 / 143 after Ctrl-C / SIGTERM (the checkpoint is written first)."
         ),
     )
     add_arguments(p)
@@ -89,7 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", type=int, default=d.val_every,
                    help="validation AUROC on held-out reference classes every K steps (0 = never)")
     p.add_argument("--val-classes", type=int, default=d.val_classes,
-                   help="reference classes held out from training for validation")
+                   help="reference classes held out from training for validation (default: a "
+                   "quarter of the classes, between 2 and 20, leaving >= 2 to train on; 0 = none)")
     p.add_argument("--style-views", type=int, default=0,
                    help="frozen mode: the first N images of each class get one stylised view "
                    "(sketch/cartoon/painting/grayscale in turn) added to the reference set")
@@ -125,6 +127,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image-decoding worker processes")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/latest.json exactly where the run stopped")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUT that already holds a run or other files: the run's "
+                   "files there (checkpoints, models, history) are deleted first")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -139,10 +144,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    summary = train(cfg, resume=args.resume, progress=not args.quiet)
+    summary = train(cfg, resume=args.resume, progress=not args.quiet,
+                    overwrite=getattr(args, "overwrite", False))
     if is_main_process():
         best = summary["best_val_auroc"]
         print(f"step {summary['step']}  pairs/s {summary['pairs_per_s']:.0f}  "
               f"best val AUROC {'n/a' if best is None else f'{best:.4f}'}  -> {cfg.out}")
     shutdown_distributed()
-    return 0
+    sig = summary.get("interrupted")
+    return 128 + int(sig) if sig else 0  # 130 after SIGINT, 143 after SIGTERM (checkpoint written)

@@ -6,8 +6,11 @@ import argparse
 import sys
 import warnings
 
-from ..report import score_folders, write_report
-from .common import add_detector_options, detector_factory
+from ..data import printable
+from ..detectors import THRESHOLD_SOURCES, load_detector, test_mode_threshold
+from ..report import score_fitted, score_folders, watch, write_report
+from .common import (REPORT_FILES, add_detector_options, check_output, detector_factory,
+                     feature_cache, finite_float)
 
 
 def _tpr(value: str) -> float:
@@ -33,45 +36,132 @@ def add_parser(sub, name):
             "Images: JPEG, PNG, WebP, BMP (grayscale and RGBA converted to RGB)."
         ),
     )
-    p.add_argument("--support", required=True, metavar="DIR",
-                   help="reference images, one sub-folder per known class: DIR/<class>/<image>")
-    p.add_argument("--test", required=True, metavar="DIR",
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--support", metavar="DIR",
+                     help="reference images, one sub-folder per known class: DIR/<class>/<image>")
+    src.add_argument("--detector", metavar="FILE",
+                     help="a detector fitted by 'resend fit' (.safetensors): its classes, "
+                     "threshold and options are used (the detector options below are ignored; "
+                     "--model names its relational checkpoint if it is not the shipped one)")
+    p.add_argument("--test", metavar="DIR",
                    help="new images (searched recursively); labelled only if DIR/<class>/<image>")
+    p.add_argument("--watch", metavar="DIR|-",
+                   help="with --detector: score images as they arrive in DIR (polled), or image "
+                   "paths read from stdin ('-'), one by one, appending to OUT/scores.csv; "
+                   "resumable (paths already in the CSV are skipped); stop with Ctrl-C")
+    p.add_argument("--poll", type=float, default=1.0, metavar="S",
+                   help="--watch DIR: seconds between two looks at the folder (default 1)")
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="--watch: stop after N new images")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="--watch: stop after S seconds")
     p.add_argument("--out", default="resend-score", metavar="DIR",
                    help="output folder for scores.csv, summary.json and the plots "
                    "(default ./resend-score)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in --out (refused otherwise)")
     thr = p.add_mutually_exclusive_group()
-    thr.add_argument("--threshold", type=float, default=None, metavar="T",
+    thr.add_argument("--threshold", type=finite_float, default=None, metavar="T",
                      help="flag images with normality < T as unknown (default: calibrate, --tpr)")
     thr.add_argument("--tpr", type=_tpr, default=0.95, metavar="R",
                      help="calibrate the threshold on the support set alone: leave-one-out "
                      "normality of each support image (its class prototype recomputed without "
                      "it); threshold = the value accepting a fraction R of them (default 0.95). "
                      "Needs classes with >= 2 images (others are skipped with a warning)")
-    p.add_argument("--no-plots", action="store_true", help="write only scores.csv and summary.json")
+    p.add_argument("--threshold-from", choices=THRESHOLD_SOURCES, default="support",
+                   help="where the threshold for recall --tpr R is set: 'support' (leave-one-out "
+                   "on the support set, default; with --detector: the file's threshold) or "
+                   "'test' (the unlabelled test images scored together: a 2-component Gaussian "
+                   "mixture of their scores, the upper component taken as the known classes, "
+                   "threshold at its (1-R) quantile; holds better when the test images come from "
+                   "another domain than the support, see BENCHMARKS.md; needs >= 20 test images)")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots (scores.csv, summary.json "
+                   "and report.html only)")
+    p.add_argument("--no-html", action="store_true",
+                   help="do not write OUT/report.html (one self-contained page: thumbnails of "
+                   "the flagged images first, one panel per known class, the plots)")
     add_detector_options(p)
     return p
 
 
+def _load(args):
+    return load_detector(args.detector, model=args.model, device=args.device,
+                         cache=feature_cache(args), batch_size=args.batch_size,
+                         num_workers=args.workers, progress=not args.quiet)
+
+
+def _check(args) -> None:
+    if args.watch is not None:
+        if args.detector is None:
+            raise ValueError("--watch needs --detector FILE (fit it once with 'resend fit')")
+        if args.test is not None:
+            raise ValueError("--watch replaces --test: give one of them")
+        if args.threshold_from == "test":
+            raise ValueError("--threshold-from test needs the test images scored together, "
+                             "not --watch")
+    elif args.test is None:
+        raise ValueError("--test DIR is required (or --watch with --detector)")
+    if args.threshold is not None and args.threshold_from == "test":
+        raise ValueError("--threshold T and --threshold-from test exclude each other")
+
+
+def _run_watch(args) -> int:
+    from pathlib import Path
+
+    det = _load(args)
+    if args.threshold is not None:
+        det.threshold_ = float(args.threshold)
+    source = sys.stdin if args.watch == "-" else args.watch
+    csv_path = Path(args.out) / "scores.csv"
+    print(f"watching {'stdin' if args.watch == '-' else args.watch} with {args.detector} "
+          f"({len(det.class_names_)} known classes, threshold {det.threshold_:.4g}); "
+          f"appending to {csv_path}; Ctrl-C stops", file=sys.stderr)
+    stats = watch(det, source, csv_path, poll=args.poll, max_images=args.max_images,
+                  timeout=args.timeout)
+    print(f"{stats['scored']} images scored ({stats['flagged_unknown']} flagged unknown), "
+          f"{stats['skipped']} already in {csv_path}, {stats['failed']} unreadable"
+          + (" (interrupted)" if stats["interrupted"] else ""))
+    return 0
+
+
 def run(args) -> int:
+    _check(args)
+    if args.watch is not None:
+        return _run_watch(args)
+    check_output(args.out, inside=(args.support, args.test), overwrite=args.overwrite,
+                 folder=True, owned=REPORT_FILES)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            det = detector_factory(args)()
-            result = score_folders(det, args.support, args.test, threshold=args.threshold,
-                                   tpr=args.tpr)
-            files = write_report(result, args.out, plots=not args.no_plots)
+            if args.detector is not None:
+                det = _load(args)
+                if args.threshold is not None:
+                    det.threshold_, det.threshold_rule_ = float(args.threshold), {"source": "given"}
+                result = score_fitted(det, args.test)
+            else:
+                det = detector_factory(args)()
+                result = score_folders(det, args.support, args.test, threshold=args.threshold,
+                                       tpr=args.tpr)
+            if args.threshold_from == "test":
+                result.threshold, result.threshold_rule = test_mode_threshold(
+                    result.normality, tpr=args.tpr)
+            files = write_report(result, args.out, plots=not args.no_plots,
+                                 html=not args.no_html)
         finally:
             for w in caught:
-                print(f"resend {args.command}: warning: {w.message}", file=sys.stderr)
+                print(f"resend {args.command}: warning: {printable(w.message)}", file=sys.stderr)
 
     n, n_unk = len(result.paths), int(result.flagged_unknown.sum())
     rule = result.threshold_rule
     how = ("given" if rule["source"] == "given" else
-           f"support leave-one-out, recall {rule['tpr']:.0%} of {rule['n_images']} images")
+           f"{rule['source']}, recall {rule['tpr']:.0%} of {rule['n_images']} images"
+           if "tpr" in rule else rule["source"])
     print(f"method {result.method}: {len(result.class_names)} known classes "
-          f"({', '.join(result.class_names)}), threshold {result.threshold:.4g} ({how})")
+          f"({', '.join(map(printable, result.class_names))}), threshold {result.threshold:.4g} "
+          f"({how})")
     print(f"{n} test images: {n - n_unk} known, {n_unk} flagged unknown")
+    print("scoring: " + ("per image (support statistics only)" if getattr(det, "per_image", False)
+                         else "transductive (test statistics from the images scored together)"))
     m = result.metrics()
     if m is not None:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731

@@ -4,7 +4,9 @@
 - :mod:`.prototype`: :class:`PrototypeDetector`, class prototypes and leave-one-out calibration;
 - one method per file: :mod:`.resend`, :mod:`.cosine`, :mod:`.euclidean`, :mod:`.knn`,
   :mod:`.mahalanobis`, :mod:`.finetuned` (ft-*), :mod:`.gram` (gram, ft-gram);
-- :mod:`.registry`: :data:`DETECTORS` and :func:`build_detector`.
+- :mod:`.registry`: :data:`DETECTORS` and :func:`build_detector`;
+- :mod:`.persistence`: a fitted detector in one safetensors file (:func:`save_detector`,
+  :func:`load_detector`).
 """
 
 from .base import UNKNOWN, Detector, fit_support
@@ -17,7 +19,10 @@ from .mahalanobis import MahalanobisDetector, fit_mahalanobis, require_pytorch_o
 from .prototype import (NoLOOCalibrationMixin, PrototypeDetector, class_means,
                         leave_one_out_similarities)
 from .registry import BASELINES, DETECTORS, FT_METHODS, build_detector
+from .persistence import (SAVABLE_METHODS, DetectorFileError, load_detector,  # noqa: E402
+                          read_detector_metadata, save_detector)
 from .resend import ReSeNDDetector
+from .threshold import THRESHOLD_SOURCES, test_mode_threshold
 
 __all__ = [
     "UNKNOWN", "Detector", "fit_support",
@@ -27,4 +32,6 @@ __all__ = [
     "require_pytorch_ood", "FineTunedDetector", "FT_DETECTORS", "resend_eval_seconds",
     "train_head", "GramDetector", "FineTunedGramDetector", "GramStats", "gram_statistics",
     "DETECTORS", "BASELINES", "FT_METHODS", "build_detector",
+    "save_detector", "load_detector", "read_detector_metadata", "DetectorFileError",
+    "SAVABLE_METHODS", "test_mode_threshold", "THRESHOLD_SOURCES",
 ]

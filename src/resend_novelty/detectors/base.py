@@ -87,6 +87,7 @@ class Detector:
         """Features of ``x`` with its labels and class names where it carries them."""
         return input_features(x, self.backbone, cache=self.cache, batch_size=self.batch_size,
                               num_workers=self.num_workers, device=self.device,
+                              engine=getattr(self, "engine", "auto"),
                               progress=self.progress, desc=desc)
 
     def features(self, x, desc: str = "features") -> tuple[torch.Tensor, np.ndarray | None]:
@@ -126,8 +127,13 @@ class Detector:
             raise ValueError(
                 f"{features.shape[0]} support features but {labels.shape[0]} labels"
             )
+        if features.shape[0] == 0:
+            raise ValueError("the support set is empty: fit needs at least one labelled image")
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        if labels.min() < 0:
+            raise ValueError(f"support labels must be >= 0, got {int(labels.min())} (-1 is UNKNOWN, "
+                             "the prediction for unknown images)")
         classes = np.unique(labels)
         if len(classes) < 2:
             if self.needs_two_classes:

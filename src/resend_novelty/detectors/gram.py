@@ -156,6 +156,7 @@ class GramDetector(NoLOOCalibrationMixin, PrototypeDetector):
             raise TypeError("GramDetector takes image paths, folders, datasets or tensors")
         return input_features(x, self.backbone, cache=self.cache, batch_size=self.batch_size,
                               num_workers=self.num_workers, device=self.device,
+                              engine=getattr(self, "engine", "auto"),
                               progress=self.progress, desc=desc,
                               extra=[(self.gram_backbone, "Gram statistics")])
 

@@ -34,11 +34,14 @@ class KNNDetector(PrototypeDetector):
 
     def fit_features(self, features, labels, domains=None) -> "KNNDetector":
         super().fit_features(features, labels, domains=domains)
+        self._restore_fitted()
+        return self
+
+    def _restore_fitted(self) -> None:
         feats = self.support_features_  # domain-normalised like the test features (center=)
-        idx = np.searchsorted(self.classes_, np.asarray(labels))
+        idx = self.support_index_
         self._support = F.normalize(feats, dim=1)
         self._members = [torch.as_tensor(np.flatnonzero(idx == k)) for k in range(len(self.classes_))]
-        return self
 
     def _class_means(self, sims: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """(N, M) similarities to the support -> (N, K) mean of the top-k of each class."""

@@ -49,6 +49,7 @@ class MahalanobisDetector(PrototypeDetector):
     """
 
     name = "mahalanobis"
+    fitted_attributes = PrototypeDetector.fitted_attributes + ("precision_",)
     description = ("Mahalanobis distance, class means + tied covariance of the support features "
                    "(pytorch-ood)")
 

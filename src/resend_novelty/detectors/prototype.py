@@ -94,6 +94,13 @@ class PrototypeDetector(Detector):
     ``min_center_batch`` use the support statistics unless :meth:`set_test_mean` fixed them.
     ``refine``: steps of test-time prototype refinement (0 = off; ``refine_fraction``,
     ``refine_keep``: see :class:`~resend_novelty.transforms.PrototypeRefiner`).
+    ``per_image``: score each test image alone - no statistic of any other test image is used:
+    test features are normalised with the support statistics (``support_mean_`` /
+    ``support_std_``, whatever the batch size), refinement and :meth:`set_test_mean` are
+    refused; scoring N images together gives the scores of scoring them one by one. Default
+    False: transductive (test statistics from the images scored together).
+    ``engine``: inference engine of the backbone on image inputs ("auto": ONNX Runtime on CPU,
+    torch on CUDA; "onnx"; "torch"), see :mod:`resend_novelty.features.engine`.
 
     Fitted attributes: ``classes_``, ``prototypes_``, ``class_counts_``, ``class_names_``,
     ``support_features_`` (the domain-normalised support features), ``support_mean_`` /
@@ -119,14 +126,22 @@ class PrototypeDetector(Detector):
         refine: int = 0,
         refine_fraction: float = REFINE_FRACTION,
         refine_keep: float = REFINE_KEEP,
+        per_image: bool = False,
+        engine: str = "auto",
     ):
-        self.normalizer = DomainNormalizer(as_mode(center), int(min_center_batch))
+        self.engine = engine  # inference engine of image inputs: "auto", "onnx" or "torch"
+        self.normalizer = DomainNormalizer(as_mode(center), int(min_center_batch),
+                                           per_image=per_image)
         self.refiner = self._make_refiner(refine, refine_fraction, refine_keep)
         super().__init__(backbone, device, cache, batch_size, num_workers, progress)
         self.test_prototypes_ = None
 
     def _make_refiner(self, refine, fraction, keep) -> PrototypeRefiner:
         refiner = PrototypeRefiner(refine, fraction, keep)
+        if refiner.steps and self.per_image:
+            raise ValueError("test-time prototype refinement (refine > 0) moves the prototypes "
+                             "with the test images scored together: it cannot be combined with "
+                             "per_image=True (each test image scored alone)")
         if refiner.steps and not self.supports_refinement:
             raise ValueError(f"the {self.name} detector does not support test-time prototype "
                              "refinement (refine > 0): it needs direction-only (cosine-like) "
@@ -147,6 +162,11 @@ class PrototypeDetector(Detector):
     def center(self) -> bool:
         """Whether features are normalised per domain (``domain_norm`` "center"/"standardize")."""
         return self.normalizer.active
+
+    @property
+    def per_image(self) -> bool:
+        """Whether each test image is scored alone (no statistic of other test images)."""
+        return self.normalizer.per_image
 
     @property
     def min_center_batch(self) -> int:
@@ -195,6 +215,7 @@ class PrototypeDetector(Detector):
         features = self.normalizer.fit_transform(features, domains)
         self.support_features_ = features  # what subclasses build their own statistics from
         idx = torch.as_tensor(np.searchsorted(self.classes_, labels))
+        self.support_index_ = idx.numpy()  # class index (0..K-1) of each support row
         self.prototypes_, counts = class_means(features, idx, len(self.classes_))
         self.class_counts_ = counts.numpy()
         self.class_names_ = [str(c) for c in self.classes_]
@@ -203,6 +224,45 @@ class PrototypeDetector(Detector):
 
     def _on_fit(self) -> None:
         """Checks of a subclass on the fitted prototypes (raise to refuse the support set)."""
+
+    # ----------------------------------------------------------------- fitted state
+    # the fitted tensors scoring needs, saved by resend_novelty.detectors.save_detector;
+    # a subclass with fitted tensors of its own adds their names and rebuilds what derives
+    # from them in _restore_fitted
+    fitted_attributes: tuple[str, ...] = ("classes_", "prototypes_", "class_counts_",
+                                          "support_features_", "support_index_")
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        """The fitted tensors (:attr:`fitted_attributes`, the support / fixed test statistics
+        of the domain normalisation, ``loo_scores_``) by name, as CPU tensors."""
+        if not hasattr(self, "prototypes_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() first")
+        state = {name: getattr(self, name) for name in self.fitted_attributes}
+        for name in ("support_mean_", "support_std_", "test_mean_", "test_std_", "loo_scores_"):
+            if getattr(self, name, None) is not None:
+                state[name] = getattr(self, name)
+        return {k: torch.as_tensor(np.asarray(v) if isinstance(v, np.ndarray) else v).cpu()
+                .contiguous() for k, v in state.items()}
+
+    def load_fitted_state(self, state: dict) -> "PrototypeDetector":
+        """Restore what :meth:`fitted_state` returned (same class and options)."""
+        missing = sorted(set(self.fitted_attributes) - set(state))
+        if missing:
+            raise ValueError(f"fitted state of {type(self).__name__} lacks {missing}")
+        numpy_attrs = {"classes_", "class_counts_", "support_index_", "loo_scores_"}
+        for name, value in state.items():
+            if name in ("support_mean_", "support_std_", "test_mean_", "test_std_"):
+                setattr(self.normalizer, name, value.float())
+            else:
+                setattr(self, name, value.numpy() if name in numpy_attrs else value)
+        if self.center and "support_std_" not in state:
+            self.normalizer.support_std_ = None
+        self.test_prototypes_ = None
+        self._restore_fitted()
+        return self
+
+    def _restore_fitted(self) -> None:
+        """Rebuild derived (unsaved) state after :meth:`load_fitted_state`."""
 
     def prepare_features(self, features) -> torch.Tensor:
         """Test features as the similarities see them: checked against the fitted prototypes,

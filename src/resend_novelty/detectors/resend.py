@@ -5,6 +5,10 @@ normality = max_c softmax(u)_c (the paper) or max_c u_c (``normality="max-logit"
 of the scoring policy (normality, neighbours) are those of the model
 (:class:`~resend_novelty.models.ScoringConfig`, ``model.scoring``); the domain normalisation is
 the one it was trained with (``model.config.domain_norm``).
+
+Candidate classes (``candidates=M``, not in the paper) make the cost independent of the number
+of known classes: each test image is scored by the relational module against its M classes
+nearest by a cheap cosine similarity only; see :class:`ReSeNDDetector`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import NORMALITIES, RelationalModule, load_checkpoint
+from .neighbors import SupportIndex, masked_mean
 from .prototype import PrototypeDetector, leave_one_out_similarities
 
 __all__ = ["ReSeNDDetector"]
@@ -44,6 +49,28 @@ class ReSeNDDetector(PrototypeDetector):
     paper; default 0 = off, see its caveat). Needs a model with ``input_norm="l2"`` (the
     relational score then depends on the prototype's direction only) and class prototypes only
     (``neighbors=0``). :meth:`calibrate` scores the support with the unrefined prototypes.
+
+    ``candidates=M`` (not in the paper; default None = the model's ``scoring.candidates`` under
+    the ``max-logit`` normality and every class under ``softmax``, whose denominator the shortcut
+    would change; 0 = every class): only the M classes nearest to the test image by a cheap similarity go through
+    the relational module. The cheap similarity is u with the cosine in place of the relational
+    logit, on the same normalised features: ``(1 - w) * cos(x, prototype_c) + w * mean cosine
+    to the k nearest support images of c`` (``cos(x, prototype_c)`` without neighbours) - the
+    same references and weights as u, and the shipped model's logit contains that cosine (its
+    cosine skip term). The other classes get u = -inf: under ``max-logit`` the normality is the
+    largest candidate logit (exact whenever the class of the exact maximum is a candidate);
+    under ``softmax`` the denominator holds the M candidates only (exp(-inf) = 0), so the score
+    is max softmax over the candidates, >= the exact one. M >= the number of classes (or 0)
+    runs the exact code path: the same numbers bit for bit. :meth:`calibrate` uses the same
+    shortcut on its leave-one-out scores (candidates chosen with the leave-one-out prototype and
+    without the image among its own neighbours), so the threshold matches test-time scoring.
+    Prototypes passed explicitly (test-time refinement) are scored exactly.
+
+    Fitted attributes of the shortcut and of the neighbour search, all derived from the saved
+    ones (``support_features_``, ``support_index_``, ``prototypes_``) at fit and load time:
+    ``neighbor_index_`` (a :class:`~resend_novelty.detectors.neighbors.SupportIndex`: unit
+    support rows, class of each row, padded class membership), ``z_support_`` (the module's
+    token of each support image, with ``neighbors``) and ``z_prototypes_`` (of each prototype).
     """
 
     name = "resend"
@@ -54,7 +81,7 @@ class ReSeNDDetector(PrototypeDetector):
     def __init__(self, model: RelationalModule | str | os.PathLike | None = None,
                  chunk_pairs: int | None = None, normality: str | None = None,
                  neighbors: int | None = None, neighbor_weight: float | None = None,
-                 refine: int = 0, **kwargs):
+                 refine: int = 0, candidates: int | None = None, **kwargs):
         self.model = model if isinstance(model, RelationalModule) else load_checkpoint(model)
         kwargs.setdefault("backbone", self.model.config.backbone)
         super().__init__(**kwargs)
@@ -95,15 +122,40 @@ class ReSeNDDetector(PrototypeDetector):
                                  " (the checkpoint's default; pass neighbors=0)"
                                  if neighbors is None else ""))
         self.refiner = self._make_refiner(refine, self.refine_fraction, self.refine_keep)
+        m = getattr(scoring, "candidates", 0) if candidates is None else candidates
+        if candidates is None and self.normality == "softmax":
+            m = 0  # the default shortcut is for max-logit only: softmax changes with the classes
+        if isinstance(m, bool) or int(m) != m or int(m) < 0:
+            raise ValueError(f"candidates must be an integer >= 1, or 0 for every class, got {m!r}")
+        self.candidates = int(m) or None  # None: every class through the relational module
 
     def fit_features(self, features, labels, domains=None) -> "ReSeNDDetector":
         super().fit_features(features, labels, domains=domains)
+        self._restore_fitted()
+        return self
+
+    def _restore_fitted(self) -> None:
         self._knn_members = None
         if self.neighbors is not None:  # the (normalised) support rows of each class, k-NN mode
-            idx = np.searchsorted(self.classes_, np.asarray(labels))
+            idx = self.support_index_
             self._knn_members = [torch.as_tensor(np.flatnonzero(idx == k))
                                  for k in range(len(self.classes_))]
-        return self
+        self.neighbor_index_ = SupportIndex(self.support_features_, self.support_index_,
+                                            len(self.classes_)).to(self.device)
+        model = self.model.to(self.device)
+        with torch.inference_mode(), self._autocast():
+            self.z_support_ = (model.encode(self.support_features_.to(self.device))
+                               if self.neighbors is not None else None)
+            self.z_prototypes_ = model.encode(self.prototypes_.to(self.device))
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.device.type == "cuda")
+
+    def _shortcut(self, prototypes: torch.Tensor | None = None) -> bool:
+        """Whether the candidate shortcut applies (M < number of classes, fitted prototypes)."""
+        return (self.candidates is not None and prototypes is None
+                and self.candidates < len(self.classes_))
 
     def _on_fit(self) -> None:
         # fail at fit time, not at the first score, when the features come from another backbone
@@ -124,6 +176,8 @@ class ReSeNDDetector(PrototypeDetector):
         with the mean logit to the ``neighbors`` nearest support images of each class (default
         ``self.neighbors``; 0 = class prototypes only)."""
         k = self.neighbors if neighbors is None else (int(neighbors) or None)
+        if self._shortcut(prototypes):
+            return self._candidate_similarities(features, k)
         if k is not None and getattr(self, "_knn_members", None) is not None:
             near = self._knn_similarities(features, k)
             w = self.neighbor_weight
@@ -158,34 +212,133 @@ class ReSeNDDetector(PrototypeDetector):
         neighbours (leave-one-out: the row itself).
         """
         model = self.model.to(self.device)
-        support = self.support_features_
-        cos = F.normalize(features, dim=1) @ F.normalize(support, dim=1).T  # (N, M)
-        if exclude is not None:
-            cos[torch.arange(cos.shape[0]), exclude] = float("-inf")
+        index = self.neighbor_index_
         use_amp = self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            z_support = model.encode(support.to(self.device))  # (M, dim), once
+        z_support = self.z_support_
+        with self._autocast():
             z_test = model.encode(features.to(self.device))  # (N, dim), once for every class
         u = torch.empty(features.shape[0], len(self._knn_members))
         rows = max(1, (self.chunk_pairs or 4096) // k)
-        for c, members in enumerate(self._knn_members):
-            kc = min(k, len(members))
-            top = cos[:, members].topk(kc, dim=1)
-            nearest = members[top.indices]  # (N, kc) support rows
-            valid = torch.isfinite(top.values)  # False: an excluded row (class of <= k images)
-            for start in range(0, features.shape[0], rows):
-                z_i = z_test[start:start + rows]
-                near = nearest[start:start + rows]  # (n, kc)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    logits = model.relate(z_i.repeat_interleave(kc, 0),
-                                          z_support[near.reshape(-1).to(self.device)])
-                logits = logits.float().view(len(z_i), kc)
-                if model.config.cosine_skip:  # the skip term of forward(), on the same cosines
-                    rows_cos = cos[start:start + rows].gather(1, near).to(self.device)
-                    logits = logits + model.cosine_term(rows_cos).float()
-                ok = valid[start:start + rows].to(logits.device)
-                mean = logits.where(ok, 0).sum(1) / ok.sum(1).clamp_min(1)
-                u[start:start + len(z_i), c] = mean.cpu()
+        block = index.rows_per_chunk(0)  # cosines of a block of test rows: bounded memory
+        for b0 in range(0, features.shape[0], block):
+            cos = index.cosines(features[b0:b0 + block],
+                                None if exclude is None else exclude[b0:b0 + block]).cpu()
+            nb = cos.shape[0]
+            for c, members in enumerate(self._knn_members):
+                kc = min(k, len(members))
+                top = cos[:, members].topk(kc, dim=1)
+                nearest = members[top.indices]  # (nb, kc) support rows
+                valid = torch.isfinite(top.values)  # False: an excluded row (class of <= k images)
+                for start in range(0, nb, rows):
+                    z_i = z_test[b0 + start:b0 + min(start + rows, nb)]
+                    near = nearest[start:start + rows]  # (n, kc)
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        logits = model.relate(z_i.repeat_interleave(kc, 0),
+                                              z_support[near.reshape(-1).to(self.device)])
+                    logits = logits.float().view(len(z_i), kc)
+                    if model.config.cosine_skip:  # the skip term of forward(), same cosines
+                        rows_cos = cos[start:start + rows].gather(1, near).to(self.device)
+                        logits = logits + model.cosine_term(rows_cos).float()
+                    ok = valid[start:start + rows].to(logits.device)
+                    mean = logits.where(ok, 0).sum(1) / ok.sum(1).clamp_min(1)
+                    u[b0 + start:b0 + start + len(z_i), c] = mean.cpu()
+        return u
+
+    # ----------------------------------------------------------------- candidate classes
+    def _pair_logits(self, z_i: torch.Tensor, z_j: torch.Tensor, cos: torch.Tensor
+                     ) -> torch.Tensor:
+        """Logits of the token pairs ``(z_i[p], z_j[p])`` (cosines ``cos[p]`` of their features
+        for the cosine skip term), in chunks of ``chunk_pairs``. In eval mode the shared-work
+        path of ``pairwise_logits`` (label token's q/k/v once, last block on the label token
+        only): the same function up to float rounding."""
+        model = self.model
+        chunk = self.chunk_pairs or (65536 if self.device.type == "cuda" else 4096)
+        out = torch.empty(z_i.shape[0], device=self.device)
+        fast = model._fast_pairs()
+        if fast:
+            first, last = model.blocks[0], len(model.blocks) - 1
+            label = model.label_token.reshape(1, -1)
+            with self._autocast():
+                qkv_label = first.qkv(label)
+        for s in range(0, z_i.shape[0], chunk):
+            zi, zj = z_i[s:s + chunk], z_j[s:s + chunk]
+            with self._autocast():
+                if not fast:
+                    out[s:s + chunk] = model.relate(zi, zj).float()
+                    continue
+                p = zi.shape[0]
+                x = torch.stack([label.expand(p, -1), zi, zj], dim=1)
+                qkv = torch.stack([qkv_label.expand(p, -1), first.qkv(zi), first.qkv(zj)], dim=1)
+                x = first.pair_forward(x, qkv, label_only=last == 0, attention=model.attention)
+                for b in range(1, last + 1):
+                    x = model.blocks[b].pair_forward(x, label_only=b == last,
+                                                     attention=model.attention)
+                out[s:s + chunk] = model.head(model.norm(x[:, 0])).squeeze(-1).float()
+        if model.config.cosine_skip:
+            out = out + model.cosine_term(cos.to(out.device)).float()
+        return out
+
+    @torch.inference_mode()
+    def _candidate_similarities(self, features: torch.Tensor, k: int | None,
+                                loo_index: np.ndarray | None = None) -> torch.Tensor:
+        """u ``(N, K)`` with the candidate shortcut: the relational logits of the
+        ``candidates`` classes nearest by the cheap similarity, -inf for the others.
+
+        ``loo_index``: ``features`` are the support rows (same order), of these classes:
+        leave-one-out - the own prototype without the row (classes of >= 2 images), the row
+        never one of its own neighbours.
+        """
+        model = self.model.to(self.device)
+        index = self.neighbor_index_
+        n_classes, m = len(self.classes_), self.candidates
+        w = self.neighbor_weight if k is not None else 0.0
+        protos_unit = F.normalize(self.prototypes_.to(self.device).float(), dim=1)
+        u = torch.full((features.shape[0], n_classes), float("-inf"))
+        block = index.rows_per_chunk(n_classes if k is not None else 0)
+        for b0 in range(0, features.shape[0], block):
+            x = features[b0:b0 + block].to(self.device)
+            n = x.shape[0]
+            rows = torch.arange(n, device=self.device)
+            with self._autocast():
+                z_x = model.encode(x)
+            pcos = F.normalize(x.float(), dim=1) @ protos_unit.T  # (n, K)
+            if loo_index is not None:  # own prototype without the row, where it has >= 2
+                own = torch.as_tensor(loo_index[b0:b0 + n], device=self.device)
+                cnt = index.counts.to(self.device)[own]
+                loo = torch.where((cnt >= 2)[:, None],
+                                  (cnt[:, None] * self.prototypes_.to(self.device).double()[own]
+                                   - x.double()) / (cnt - 1).clamp_min(1)[:, None],
+                                  self.prototypes_.to(self.device).double()[own]).float()
+                pcos[rows, own] = F.cosine_similarity(x.float(), loo, dim=1)
+                with self._autocast():
+                    z_loo = model.encode(loo)
+            cheap = pcos
+            if k is not None:
+                cos = index.cosines(x, None if loo_index is None
+                                    else torch.arange(b0, b0 + n, device=self.device))
+                vals, _ = index.class_topk(cos, k)  # (n, K, k')
+                near_cos = masked_mean(vals, torch.isfinite(vals))
+                cheap = (1 - w) * pcos + w * near_cos if w < 1.0 else near_cos
+            cand = cheap.topk(m, dim=1).indices  # (n, M)
+            score = torch.zeros(n, m, device=self.device)
+            if w < 1.0:  # prototype part
+                z_p = self.z_prototypes_[cand]  # (n, M, dim)
+                if loo_index is not None:
+                    is_own = cand == own[:, None]
+                    z_p = torch.where(is_own[..., None], z_loo[:, None].to(z_p.dtype), z_p)
+                logit = self._pair_logits(z_x.repeat_interleave(m, 0), z_p.flatten(0, 1),
+                                          pcos.gather(1, cand).flatten())
+                score += (1 - w) * logit.view(n, m)
+            if k is not None:  # mean logit over the k nearest support images of each candidate
+                vals, near = index.class_topk(cos, k, cand)  # (n, M, k')
+                kk = vals.shape[2]
+                valid = torch.isfinite(vals)
+                logit = self._pair_logits(z_x.repeat_interleave(m * kk, 0),
+                                          self.z_support_[near.flatten().clamp_max(
+                                              self.z_support_.shape[0] - 1)],
+                                          vals.flatten().nan_to_num(neginf=0.0))
+                score += w * masked_mean(logit.view(n, m, kk), valid)
+            u[torch.arange(b0, b0 + n)[:, None], cand.cpu()] = score.float().cpu()
         return u
 
     def loo_similarities_features(self, features, labels, block: int = 16):
@@ -193,6 +346,9 @@ class ReSeNDDetector(PrototypeDetector):
         with ``neighbors=k`` each support image is also left out of its own class's nearest
         support images."""
         x, idx = self._loo_index(features, labels)
+        if self._shortcut():
+            counts = np.bincount(idx, minlength=len(self.classes_))
+            return self._candidate_similarities(x, self.neighbors, loo_index=idx), counts[idx] >= 2
         u, used = leave_one_out_similarities(
             functools.partial(self.similarities_features, neighbors=0), self.prototypes_, x, idx,
             block, progress=self.progress)

@@ -14,6 +14,8 @@ score means "more normal" (more likely known).
 - ``h_score``: harmonic mean of the known-class accuracy (correct class *and* accepted) and the
   unknown-detection accuracy (fraction of unknowns rejected), Fu et al. ECCV 2020 / Shu et al.
   CVPR 2021.
+- ``oscr``: open-set classification rate (Dhamija et al. 2018), the area under the curve of
+  correctly classified known samples vs accepted unknown samples over all thresholds.
 
 Undefined values (e.g. AUROC with no unknown samples) are returned as ``nan`` by the functions
 and as ``None`` plus a note by :func:`novelty_report`.
@@ -34,6 +36,7 @@ __all__ = [
     "aupr_out",
     "closed_set_accuracy",
     "h_score",
+    "oscr",
     "novelty_report",
 ]
 
@@ -128,6 +131,31 @@ def h_score(predicted, labels, is_known, unknown_label: int = -1) -> float:
     if acc_k + acc_u == 0:
         return 0.0
     return 2 * acc_k * acc_u / (acc_k + acc_u)
+
+
+def oscr(scores, correct, is_known) -> float:
+    """Open-Set Classification Rate (Dhamija et al., NeurIPS 2018): the area under the curve of
+    the correct classification rate CCR(t) (fraction of known samples classified correctly *and*
+    with score >= t) against the false positive rate FPR(t) (fraction of unknown samples with
+    score >= t), over every threshold t. ``correct``: per sample, whether the closed-set
+    prediction is right (ignored for unknowns). In [0, 1]; it equals the closed-set accuracy
+    times the AUROC when correctness and score are independent. nan if a group is empty.
+    """
+    scores, is_known = _check(scores, is_known)
+    correct = np.asarray(correct, bool).ravel()
+    if correct.shape != scores.shape:
+        raise ValueError(f"correct {correct.shape} and scores {scores.shape} differ in length")
+    if not _both(is_known):
+        return math.nan
+    # sweep t from high to low; ties enter together
+    order = np.argsort(-scores, kind="stable")
+    s = scores[order]
+    ccr_step = (is_known & correct)[order] / is_known.sum()
+    fpr_step = (~is_known)[order] / (~is_known).sum()
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # end of each tie group
+    ccr = np.r_[0.0, np.cumsum(ccr_step)[last]]
+    fpr = np.r_[0.0, np.cumsum(fpr_step)[last]]
+    return _unit(np.trapezoid(ccr, fpr) if hasattr(np, "trapezoid") else np.trapz(ccr, fpr))
 
 
 def novelty_report(scores, is_known) -> dict:

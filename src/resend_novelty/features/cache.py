@@ -45,6 +45,21 @@ def image_key(path: str | os.PathLike) -> str:
     return f"{p}|{size}|{digest.hexdigest()}"
 
 
+def _switch_to_wal(conn: sqlite3.Connection, timeout: float = 60.0) -> None:
+    """``PRAGMA journal_mode=WAL``, retried: while another process creates the same new database
+    and switches it to WAL, SQLite answers "database is locked" at once (the busy timeout does
+    not cover a journal-mode change), e.g. when the shards of one ``torchrun`` open a new cache."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _ns_id(namespace: str) -> str:
     return hashlib.sha256(namespace.encode()).hexdigest()[:24]
 
@@ -64,7 +79,7 @@ class FeatureCache:
     def conn(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
             conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS features ("

@@ -5,7 +5,8 @@ A detector accepts image paths, a class-folder directory, an
 preprocessed images ``(N, 3, H, W)`` or PIL images. :func:`input_features` turns any of them into
 an ``(N, D)`` float32 feature tensor, plus the labels and class names where the input carries
 them. Image files go through :func:`~resend_novelty.features.extract.extract_features` (and its
-cache); tensors and DataLoaders run the backbone directly.
+cache), on the chosen inference engine (``engine=``: "auto", "onnx", "torch"); tensors and
+DataLoaders run the torch backbone directly.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 
 from ..backbones import Backbone
-from ..data import IMAGE_EXTENSIONS, ImageDataset, list_images, scan_class_folders
+from ..data import IMAGE_EXTENSIONS, DataError, ImageDataset, list_images, scan_class_folders
 from .cache import FeatureCache
+from .engine import resolve_engine
 from .extract import check_features, default_device, extract_features
 
 __all__ = ["InputFeatures", "input_features"]
@@ -44,16 +46,19 @@ def input_features(
     progress: bool = True,
     desc: str = "features",
     extra: Sequence[tuple[Backbone, str]] = (),
+    engine: str = "auto",
 ) -> InputFeatures:
     """Backbone features of ``x`` (any supported input type), see the module docstring.
 
     ``extra``: ``(backbone, label)`` pairs whose outputs are appended to those of ``backbone``,
     column-wise (e.g. Gram statistics of intermediate layers); for image files each is cached
     under its own namespace, with ``label`` in its progress bar. DataLoaders take no ``extra``.
+    ``engine``: the inference engine for image files (see :func:`extract_features`).
     """
     device = torch.device(device) if device is not None else default_device()
+    resolve_engine(engine, device)  # a wrong value fails here, whatever the input type
     kw = dict(cache=cache, batch_size=batch_size, num_workers=num_workers, device=device,
-              progress=progress)
+              progress=progress, engine=engine)
 
     def from_paths(paths: Sequence[str]) -> torch.Tensor:
         out = [extract_features(backbone, paths, desc=desc, **kw)]
@@ -103,4 +108,6 @@ def input_features(
                               desc=desc, extra=extra, **kw)
     if isinstance(x, (list, tuple, np.ndarray)):
         return InputFeatures(from_paths([str(p) for p in x]))
+    if isinstance(x, (str, os.PathLike)):  # a path that is not a folder
+        raise DataError(f"image folder {'is not a folder' if Path(x).exists() else 'not found'}: {x}")
     raise TypeError(f"unsupported input type {type(x).__name__}")

@@ -102,17 +102,34 @@ def load_checkpoint(
             scoring = ScoringConfig.from_dict(json.loads(meta["scoring"]))
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: bad model config in metadata: {exc}") from None
+    # shapes checked BEFORE anything is allocated: the module is first built on the meta device
+    # (no memory) and compared with the tensor shapes of the file's header (no data read), so a
+    # small file whose config claims a huge model costs nothing
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape)
+                        for k, v in build_relational(config, scoring).state_dict().items()}
+        with safe_open(path, framework="pt") as fh:
+            shapes = {key: _Shape(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: bad model config in metadata: {exc}") from None
+    mismatch = state_mismatch(expected, shapes)
+    if mismatch:
+        raise CheckpointError(f"{path} does not match its config: {mismatch}")
     model = build_relational(config, scoring)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tensors = {}
     with safe_open(path, framework="pt", device=str(map_location)) as fh:
         for key in fh.keys():
             tensors[key] = fh.get_tensor(key)
-    mismatch = state_mismatch(expected, tensors)
-    if mismatch:
-        raise CheckpointError(f"{path} does not match its config: {mismatch}")
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     return model.eval()
+
+
+class _Shape:
+    """A tensor's shape as read from a safetensors header (what :func:`state_mismatch` reads)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(int(n) for n in shape)
 
 
 def default_checkpoint_path(verify: bool = True) -> Path:

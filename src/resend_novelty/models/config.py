@@ -12,6 +12,7 @@ them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 __all__ = ["ARCHS", "NORMALITIES", "SCORING_KEYS", "RelationalConfig", "ScoringConfig",
@@ -64,8 +65,25 @@ class RelationalConfig:
         if self.input_norm not in ("l2", "none"):
             raise ValueError(f"input_norm must be 'l2' or 'none', got {self.input_norm!r}")
         for name in ("feature_dim", "dim", "depth", "heads"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+            if v <= 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+        for name, lo, hi, hi_open in (("mlp_ratio", 0.0, 64.0, False), ("dropout", 0.0, 1.0, True),
+                                      ("input_dropout", 0.0, 1.0, True)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or v < lo or v > hi or (hi_open and v == hi) or (name == "mlp_ratio" and v == 0):
+                raise ValueError(f"{name} must be a number in {'(' if name == 'mlp_ratio' else '['}"
+                                 f"{lo:g}, {hi:g}{')' if hi_open else ']'}, got {v!r}")
+        if int(self.dim * self.mlp_ratio) < 1:
+            raise ValueError(f"dim x mlp_ratio must be >= 1, got {self.dim} x {self.mlp_ratio}")
+        for name in ("cosine_skip", "center_features", "standardize_features"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise ValueError(f"backbone must be a backbone name, got {self.backbone!r}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
 
@@ -89,6 +107,9 @@ class ScoringConfig:
     # k = also the k support images of each class nearest to the test image
     neighbor_weight: float = 1.0  # with neighbors = k: u_c = (1 - w) * logit with the class
     # prototype + w * mean logit with the k nearest support images of class c (not in the paper)
+    candidates: int = 3  # classes scored by the relational module per test image: the M
+    # nearest by cosine (the others get -inf); 0 = every class (not in the paper). 3: the rule
+    # of benchmarks/_speed_scale.py (BENCHMARKS.md, speed part f)
 
     def __post_init__(self):
         if self.normality not in NORMALITIES:
@@ -97,6 +118,10 @@ class ScoringConfig:
             raise ValueError(f"neighbors must be >= 0 (0 = class prototypes), got {self.neighbors}")
         if not 0.0 <= float(self.neighbor_weight) <= 1.0:
             raise ValueError(f"neighbor_weight must be in [0, 1], got {self.neighbor_weight}")
+        if isinstance(self.candidates, bool) or int(self.candidates) != self.candidates \
+                or int(self.candidates) < 0:
+            raise ValueError(f"candidates must be an integer >= 0 (0 = every class), got "
+                             f"{self.candidates!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,7 +10,8 @@
 
 from ..detectors import UNKNOWN
 from .classifier import LinearClassifier, crossfit_source_scores, train_linear_classifier
-from .evaluate import evaluate_osdg, format_osdg_table, open_set_metrics, run_osdg_benchmark
+from .evaluate import (evaluate_osdg, format_osdg_table, open_set_metrics, oscr_metrics,
+                       run_osdg_benchmark)
 from .fusion import NORMALIZATIONS, OpenSetFusion, default_normalization, source_threshold
 from .probabilities import (
     classifier_probabilities,
@@ -37,6 +38,7 @@ __all__ = [
     "source_threshold",
     "OpenSetFusion",
     "open_set_metrics",
+    "oscr_metrics",
     "evaluate_osdg",
     "run_osdg_benchmark",
     "format_osdg_table",

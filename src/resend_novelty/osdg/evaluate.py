@@ -26,12 +26,26 @@ from tqdm import tqdm
 
 from ..detectors import UNKNOWN, fit_support
 from ..evaluation import auroc as _auroc
-from ..evaluation import closed_set_accuracy, get_setting, h_score, load_setting_lists
+from ..evaluation import closed_set_accuracy, get_setting, h_score, load_setting_lists, oscr
 from .classifier import crossfit_source_scores, train_linear_classifier
 from .fusion import OpenSetFusion
 from .probabilities import msp, validate_probabilities, validate_scores
 
-__all__ = ["open_set_metrics", "evaluate_osdg", "run_osdg_benchmark", "format_osdg_table"]
+__all__ = ["open_set_metrics", "oscr_metrics", "evaluate_osdg", "run_osdg_benchmark",
+           "format_osdg_table"]
+
+
+def oscr_metrics(arrays: dict, labels, classes) -> dict:
+    """OSCR of the classifier alone (its MSP) and of the fused score, from the ``arrays`` of
+    :func:`evaluate_osdg`: ``{"msp": oscr, "fused": oscr}`` (None where undefined)."""
+    labels = np.asarray(labels)
+    is_known = np.isin(labels, np.asarray(classes))
+    correct = np.asarray(arrays["closed_prediction"]) == labels
+    out = {}
+    for row in ("msp", "fused"):
+        o = oscr(arrays[row], correct, is_known)
+        out[row] = None if math.isnan(o) else o
+    return out
 
 
 def open_set_metrics(fused, predictions, closed_predictions, labels, classes) -> dict:
@@ -173,14 +187,16 @@ def run_osdg_benchmark(
         det = make_detector()
         fit_support(det, det_feats[s_idx], s_lab, s_dom)  # domains: per-domain normalisation
         nov = det.score_features(det_feats[q_idx])
-        m, _ = evaluate_osdg(probs, nov, q_lab, classes, src_probs, src_nov, weights, normalize,
-                             threshold, accept)
+        m, arrays = evaluate_osdg(probs, nov, q_lab, classes, src_probs, src_nov, weights,
+                                  normalize, threshold, accept)
+        for row, value in oscr_metrics(arrays, q_lab, classes).items():
+            m[row]["oscr"] = value
         m["n_support"] = len(support)
         results[t.name] = m
     avg: dict = {}
     for row in ("msp", "fused"):
         avg[row] = {}
-        for key in ("auroc", "acc", "h_score"):
+        for key in ("auroc", "acc", "h_score", "oscr"):
             vals = [r[row][key] for r in results.values() if r[row][key] is not None]
             avg[row][key] = float(np.mean(vals)) if vals else None
     vals = [r["novelty_auroc"] for r in results.values() if r["novelty_auroc"] is not None]
@@ -199,12 +215,14 @@ def format_osdg_table(result: dict, method: str) -> str:
     rows = [
         f"**{result['setting']}**: ERM linear head (Acc) alone (MSP) and fused with {method}",
         "",
-        f"| target | Acc | AUROC MSP | H-score MSP | AUROC MSP+{method} | H-score MSP+{method} |",
-        "|---|---|---|---|---|---|",
+        f"| target | Acc | AUROC MSP | H-score MSP | OSCR MSP | AUROC MSP+{method} "
+        f"| H-score MSP+{method} | OSCR MSP+{method} |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in [*result["targets"].items(), ("avg", result["avg"])]:
         rows.append(
             f"| {name} | {f(r['msp']['acc'])} | {f(r['msp']['auroc'])} | {f(r['msp']['h_score'])} "
-            f"| {f(r['fused']['auroc'])} | {f(r['fused']['h_score'])} |"
+            f"| {f(r['msp'].get('oscr'))} | {f(r['fused']['auroc'])} | {f(r['fused']['h_score'])} "
+            f"| {f(r['fused'].get('oscr'))} |"
         )
     return "\n".join(rows)

@@ -2,6 +2,7 @@
 
 - :mod:`.folders`: the support folder (class sub-folders) and the test folder;
 - :mod:`.result`: :class:`ScoreResult` and :func:`score_folders` (data -> scores);
+- :mod:`.stream`: scoring with a fitted detector, a folder or a stream (:func:`watch`);
 - :mod:`.plots`: PNG plots of a result; :mod:`.writer`: the report folder (:func:`write_report`);
 - :mod:`.files`: atomic JSON writing;
 - :mod:`.markdown`: named sections of BENCHMARKS.md;
@@ -24,6 +25,7 @@ from .profiling import (
     torch_threads,
 )
 from .result import UNKNOWN_NAME, ScoreResult, score_folders
+from .stream import csv_header, score_fitted, watch
 from .writer import write_report
 
 __all__ = [
@@ -33,6 +35,9 @@ __all__ = [
     "scan_support",
     "scan_test",
     "score_folders",
+    "score_fitted",
+    "watch",
+    "csv_header",
     "write_report",
     "plot_histogram",
     "plot_roc",

@@ -14,5 +14,6 @@ def write_json(path: str | os.PathLike, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"  # NaN/inf: an error, not bad JSON
+    tmp.write_text(text)
     os.replace(tmp, path)

@@ -2,10 +2,13 @@
 
 - **support**: ``support/<class>/<image>`` (sub-folders of a class are searched too). Every class
   folder must hold an image; images lying directly in ``support/`` are an error (no class).
-- **test**: any folder, searched recursively (symbolic links followed). The test images carry
-  labels only if the folder is exactly class sub-folders (every image at ``test/<class>/<image>``).
+- **test**: any folder, searched recursively. The test images carry labels only if the folder is
+  exactly class sub-folders (every image at ``test/<class>/<image>``).
+- neither folder may lie inside the other (:func:`check_disjoint`).
 
-Images: JPEG, PNG, WebP, BMP (``IMAGE_EXTENSIONS``); hidden files and folders are skipped.
+Both are searched by the one walker of :func:`resend_novelty.data.walk_images` (images: JPEG,
+PNG, WebP, BMP by extension; hidden entries skipped; symbolic links followed, each folder once);
+what it skips is reported as one warning line.
 """
 
 from __future__ import annotations
@@ -17,42 +20,38 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import IMAGE_EXTENSIONS, DataError, scan_class_folders
+from ..data import (IMAGE_EXTENSIONS, DataError, printable, scan_class_folders, walk_images,
+                    warn_skipped)
 
-__all__ = ["scan_support", "scan_test", "TestImages"]
-
-
-def _images_directly_in(folder: Path) -> list[Path]:
-    return sorted(
-        f for f in folder.iterdir()
-        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS
-    )
+__all__ = ["scan_support", "scan_test", "TestImages", "check_disjoint"]
 
 
-def _walk_images(folder: Path) -> list[Path]:
-    """Images under ``folder``, recursively, following symbolic links (each directory once)."""
-    seen: set[str] = set()
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a link loop, or the same directory linked twice
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(
-            Path(dirpath) / f for f in filenames
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+def _check_utf8(paths) -> None:
+    """File names must be valid UTF-8 (they are written to scores.csv): checked before any work."""
+    for p in paths:
+        try:
+            str(p).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"file name is not valid UTF-8: {printable(p)} (rename it)") from None
+
+
+def check_disjoint(support: str | os.PathLike, test: str | os.PathLike) -> None:
+    """Refuse a test folder inside the support folder (or the reverse): its images would be both."""
+    s, t = Path(os.path.realpath(support)), Path(os.path.realpath(test))
+    if s == t or s in t.parents or t in s.parents:
+        inner, outer = ("test", "support") if s == t or s in t.parents else ("support", "test")
+        raise DataError(
+            f"the {inner} folder {test if inner == 'test' else support} lies inside the {outer} "
+            f"folder {support if outer == 'support' else test}: its images would count as both"
         )
-    return sorted(found)
 
 
 def scan_support(folder: str | os.PathLike) -> tuple[list[str], np.ndarray, list[str]]:
     """``support/<class>/<image>`` -> (paths, integer labels, sorted class names)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"support folder not found: {folder}")
-    loose = _images_directly_in(folder)
+        raise DataError(f"support folder {'is not a folder' if folder.exists() else 'not found'}: {folder}")
+    loose, _ = walk_images(folder, recursive=False)
     if loose:
         raise DataError(
             f"the support folder {folder} must hold one sub-folder per class "
@@ -60,6 +59,7 @@ def scan_support(folder: str | os.PathLike) -> tuple[list[str], np.ndarray, list
             f"e.g. {loose[0]}"
         )
     records, classes = scan_class_folders(folder)  # error for an empty class folder
+    _check_utf8([r.path for r in records])
     return [r.path for r in records], np.array([r.label for r in records]), list(classes)
 
 
@@ -78,8 +78,10 @@ def scan_test(folder: str | os.PathLike) -> TestImages:
     ``test/<class>/<image>``."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"test folder not found: {folder}")
-    paths = _walk_images(folder)
+        raise DataError(f"test folder {'is not a folder' if folder.exists() else 'not found'}: {folder}")
+    paths, skipped = walk_images(folder)
+    warn_skipped(skipped, folder)
+    _check_utf8(paths)
     if not paths:
         raise DataError(f"the test folder {folder} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
     depths = {len(p.relative_to(folder).parts) for p in paths}

@@ -42,9 +42,19 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluation import closed_set_accuracy, h_score, novelty_report
-from .folders import scan_support, scan_test
+from ..data import DataError
+from .folders import check_disjoint, scan_support, scan_test
 
-__all__ = ["UNKNOWN_NAME", "ScoreResult", "score_folders"]
+__all__ = ["UNKNOWN_NAME", "ScoreResult", "score_folders", "csv_text"]
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value) -> str:
+    """A text cell safe to open in a spreadsheet: a leading ``= + - @``, tab or CR (a formula,
+    e.g. ``=cmd|...``) is neutralised by a leading apostrophe (the OWASP rule)."""
+    s = str(value)
+    return "'" + s if s.startswith(_FORMULA_START) else s
 
 UNKNOWN_NAME = "unknown"
 
@@ -144,23 +154,29 @@ class ScoreResult:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = ["path", "normality", "nearest_class"]
-        header += [f"sim_{c}" for c in self.class_names]
+        header += [csv_text(f"sim_{c}") for c in self.class_names]
         header += ["prediction"]
         if self.test_labels is not None:
             header += ["label", "label_known"]
         is_known = self.is_known
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(header)
-            for i, (p, near, pr) in enumerate(zip(self.paths, self.nearest, self.prediction)):
-                row = [p, f"{self.normality[i]:.6g}", near]
-                row += [f"{v:.6g}" for v in self.similarities[i]]
-                row += [pr]
-                if self.test_labels is not None:
-                    row += [self.test_labels[i], int(is_known[i])]
-                w.writerow(row)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                w = csv.writer(fh)
+                w.writerow(header)
+                for i, (p, near, pr) in enumerate(zip(self.paths, self.nearest, self.prediction)):
+                    row = [csv_text(p), f"{self.normality[i]:.6g}", csv_text(near)]
+                    row += [f"{v:.6g}" for v in self.similarities[i]]
+                    row += [csv_text(pr)]
+                    if self.test_labels is not None:
+                        row += [csv_text(self.test_labels[i]), int(is_known[i])]
+                    w.writerow(row)
+            os.replace(tmp, path)
+        except UnicodeEncodeError as exc:
+            raise DataError(f"a file or class name is not valid UTF-8: "
+                            f"{exc.object[max(exc.start - 40, 0):exc.end + 40]!r}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def score_folders(
@@ -173,7 +189,14 @@ def score_folders(
     """Fit ``detector`` on the support folder, set the threshold, score every test image.
 
     ``threshold=None`` calibrates it on the support set (leave-one-out, target recall ``tpr``).
+    A non-finite threshold, a test folder inside the support folder (or the reverse) and
+    non-finite scores (a corrupt model) are errors, never a silent answer.
     """
+    if threshold is not None and not math.isfinite(float(threshold)):
+        raise ValueError(f"threshold must be a finite number, got {threshold}")
+    if not 0.0 < float(tpr) <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    check_disjoint(support, test)
     paths, labels, class_names = scan_support(support)
     if len(class_names) < 2 and getattr(detector, "needs_two_classes", False):
         raise ValueError(
@@ -201,6 +224,10 @@ def score_folders(
     test_feats = detector.features(test_set.paths, desc="test features")[0]
     u = detector.similarities_features(detector.prepare_features(test_feats))
     normality = detector.normality_from_similarities(u).numpy()
+    _check_finite(normality, test_set.paths, detector)
+    if not math.isfinite(float(detector.threshold_)):
+        raise ValueError(f"the calibrated threshold is {detector.threshold_}: the support scores "
+                         "are not finite (a corrupt model or features?)")
     return ScoreResult(
         paths=test_set.paths,
         normality=np.asarray(normality, dtype=np.float64),
@@ -215,3 +242,13 @@ def score_folders(
         test=str(test),
         test_layout=test_set.layout,
     )
+
+
+def _check_finite(normality, paths, detector) -> None:
+    bad = np.flatnonzero(~np.isfinite(np.asarray(normality, dtype=np.float64)))
+    if bad.size:
+        name = getattr(detector, "name", type(detector).__name__)
+        raise ValueError(
+            f"{bad.size} of {len(paths)} test images got a non-finite score from {name} (e.g. "
+            f"{paths[int(bad[0])]}): the model or its features hold NaN/inf; nothing was written"
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -74,8 +75,33 @@ def load_training_checkpoint(out: Path):
     latest = out / "latest.json"
     if not latest.is_file():
         return None
-    info = json.loads(latest.read_text())
-    path = out / "checkpoints" / info["path"]
+    try:
+        info = json.loads(latest.read_text())
+        name = info["path"]
+        if not isinstance(name, str) or not name.startswith("step_") or "/" in name or "\\" in name:
+            raise ValueError(f"bad checkpoint name {name!r}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{latest} is corrupt ({exc}); delete it to resume from scratch, or "
+                         "restore it") from None
+    path = out / "checkpoints" / name
+    if not (path / "state.pt").is_file():
+        raise ValueError(f"{latest} names {path}, which holds no state.pt")
     model = load_checkpoint(path / "model.safetensors")
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        int(state["step"]), float(state["best_val_auroc"]), json.loads(state["config"])
+    except Exception as exc:  # noqa: BLE001 - a tampered file may fail in any way
+        raise TrainingStateError(f"training state {path / 'state.pt'} is corrupt or tampered with: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     return model, state
+
+
+class TrainingStateError(ValueError, pickle.UnpicklingError):
+    """A corrupt or tampered ``state.pt`` (a ValueError for the CLI; an UnpicklingError as
+    ``torch.load`` raises for a refused pickle)."""
+
+
+_STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "best_val_auroc", "config")

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "default_val_classes"]
+
+
+def default_val_classes(n_classes: int) -> int:
+    """Held-out validation classes for ``n_classes`` reference classes: a quarter of them,
+    between 2 and 20, leaving at least 2 training classes (0 = no validation if impossible)."""
+    v = min(20, max(2, n_classes // 4))
+    return v if n_classes - v >= 2 else 0
 
 
 @dataclass
@@ -37,7 +45,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     val_every: int = 500
-    val_classes: int = 20  # reference classes held out for validation (never trained on)
+    # reference classes held out for validation (never trained on); None = scaled to the data
+    # (:func:`default_val_classes`: 20 from 80 classes on, fewer below)
+    val_classes: int | None = None
     # "halves": known held-out classes split in support/test halves (+ stylised views);
     # "proxy": the synthetic multi/single-source domain-shift episodes of resend_novelty.evaluation.proxy
     val_protocol: str = "halves"
@@ -65,6 +75,27 @@ class TrainConfig:
                              f"{self.backbone!r} (its members preprocess images differently)")
         if self.steps < 1 or self.batch_pairs < 1:
             raise ValueError("steps and batch_pairs must be positive")
+        for name, lo in (("micro_batch", 0), ("warmup", 0), ("neg_per_pos", 1),
+                         ("checkpoint_every", 1), ("val_every", 0), ("val_episodes", 1),
+                         ("style_views", 0), ("max_per_class", 0), ("partner_set", 1),
+                         ("workers", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.val_classes is not None and (not isinstance(self.val_classes, int)
+                                             or self.val_classes < 0):
+            raise ValueError(f"val_classes must be an integer >= 0, got {self.val_classes!r}")
+        for name, lo, hi, lo_open in (("lr", 0.0, math.inf, True), ("momentum", 0.0, 1.0, False),
+                                      ("weight_decay", 0.0, math.inf, False),
+                                      ("cross_domain", 0.0, 1.0, False)):
+            v = getattr(self, name)
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a number, got {v!r}") from None
+            if not math.isfinite(f) or f < lo or (lo_open and f == lo) or f > hi:
+                raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}"
+                                 f"{lo:g}, {hi:g}], got {v!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

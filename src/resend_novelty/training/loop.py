@@ -34,6 +34,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,26 +48,71 @@ from ..evaluation import load_proxy_set
 from ..models import build_relational, save_checkpoint, split_config
 from .batches import EndToEnd, backbone_features, load_batch, partner_sets, train_transform
 from .checkpointing import load_training_checkpoint, save_training_checkpoint, set_rng_state
-from .config import TrainConfig
+from .config import TrainConfig, default_val_classes
 from .distributed import all_reduce_sum, init_distributed, is_distributed, training_device
 from .objective import build_optimizer, pair_loss
 from .pairs import PairSampler, Pairs
 from .reference import ReferenceSet, center_by_domain, load_reference_features
 from .validation import proxy_validation_auroc, validation_auroc
 
-__all__ = ["train"]
+__all__ = ["train", "prepare_out", "RUN_FILES"]
+
+#: What a run writes into its output folder (deleted by ``overwrite=True``, nothing else is).
+RUN_FILES = ("checkpoints", "latest.json", "history.jsonl", "run.json", "summary.json",
+             "best.safetensors", "best_backbone.safetensors", "final.safetensors")
+
+
+def prepare_out(out: Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Check the output folder before any work: never mix or overwrite runs silently.
+
+    A file is refused; a folder holding a run (``latest.json``, a checkpoint, a final model)
+    needs ``resume`` (continue it) or ``overwrite`` (delete its run files, listed in
+    :data:`RUN_FILES`, and start over); any other non-empty folder needs ``overwrite``.
+    """
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if out.is_dir() and not resume:
+        entries = sorted(p.name for p in out.iterdir())
+        if entries and not overwrite:
+            ours = [e for e in entries if e in RUN_FILES]
+            what = (f"holds a run ({', '.join(ours)})" if ours else
+                    f"is not empty ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
+            raise ValueError(f"--out {out} {what}: pass --resume to continue it, --overwrite to "
+                             "replace it, or choose another folder")
+        for name in RUN_FILES if entries else ():
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-check.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> dict:
-    """Run pretraining; returns a summary dict. ``stop_after`` stops (with a checkpoint) early."""
+          stop_after: int | None = None, overwrite: bool = False) -> dict:
+    """Run pretraining; returns a summary dict. ``stop_after`` stops (with a checkpoint) early.
+
+    ``cfg.out`` must be a new or empty folder, or hold a run to continue (``resume=True``);
+    ``overwrite=True`` deletes the run files there first (see :func:`prepare_out`). The summary's
+    ``"interrupted"`` is the number of the signal (SIGINT/SIGTERM) that stopped the run, or None.
+    """
     rank, world = init_distributed()
-    device = training_device(cfg.device)
     if cfg.batch_pairs % world:
         raise ValueError(f"batch_pairs ({cfg.batch_pairs}) must be divisible by the {world} processes")
     out = Path(cfg.out)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_out(out, resume=resume, overwrite=overwrite)
+    device = training_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
     # ---- data
@@ -79,6 +125,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         records, classes = reference_records(cfg.data, cfg.root, cfg.max_per_class)
         ref = ReferenceSet(None, np.array([r.label for r in records]), [r.path for r in records],
                            np.zeros(len(records), bool), classes)
+    if cfg.val_classes is None:  # scaled to the data; the resolved number is the run's config
+        cfg = replace(cfg, val_classes=default_val_classes(len(np.unique(ref.labels))))
     train_mask, val_classes = split_validation(ref.labels, cfg.val_classes, cfg.seed)
     train_idx = np.flatnonzero(train_mask)
     proxy = None
@@ -149,6 +197,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
     def _handler(signum, frame):
         stop["flag"] = True
+        stop["signal"] = signum
 
     old_handlers = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -261,7 +310,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     elapsed = time.perf_counter() - t_start
     summary = {"step": step, "best_val_auroc": None if best == -math.inf else best,
                "pairs_per_s": pairs_done / max(elapsed, 1e-9), "seconds": elapsed,
-               "train_items": int(len(train_idx)), "val_classes": [int(c) for c in val_classes]}
+               "train_items": int(len(train_idx)), "val_classes": [int(c) for c in val_classes],
+               "interrupted": stop.get("signal")}
     if rank == 0 and step >= cfg.steps:
         save_checkpoint(model, out / "final.safetensors", metadata={"step": step})
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

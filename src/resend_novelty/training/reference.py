@@ -35,10 +35,20 @@ class ReferenceSet:
 
 def _features_file(path: str) -> ReferenceSet:
     """A .safetensors file with 'features' (N, D) and 'labels' (N,) tensors."""
-    t = load_file(path)
+    try:
+        t = load_file(path)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise DataError(f"cannot read features file {path}: {exc}") from None
     if "features" not in t or "labels" not in t:
         raise DataError(f"{path} must hold 'features' and 'labels' tensors")
-    labels = t["labels"].numpy().astype(np.int64)
+    raw = t["labels"]
+    if raw.ndim != 1:
+        raise DataError(f"{path}: 'labels' must be one integer per row, got shape {tuple(raw.shape)}")
+    if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
+        raise DataError(f"{path}: 'labels' must be integers, got {raw.dtype} (would be truncated)")
+    labels = raw.numpy().astype(np.int64)
+    if len(labels) and labels.min() < 0:
+        raise DataError(f"{path}: 'labels' must be >= 0, got {int(labels.min())}")
     n = len(labels)
     feats = t["features"].float()
     if feats.ndim != 2 or feats.shape[0] != n:

@@ -10,7 +10,9 @@ removes much of this shift without any label:
 
 Pretraining applies it per reference domain (original images, each stylised view); detectors
 apply it to the support set (per source domain where the domains are known) and to the test
-features scored together. ``std_d`` is floored at ``STD_FLOOR`` times the median std of the
+features scored together (*transductive*), or - with ``per_image=True`` - to each test feature
+with the statistics of the support set, so that no statistic of any other test image is used
+(each image is scored as if alone). ``std_d`` is floored at ``STD_FLOOR`` times the median std of the
 domain, so that a dimension that is (almost) constant in one domain is not blown up.
 
 The functions work on one set of features; :class:`DomainNormalizer` is the fit/transform object
@@ -117,16 +119,23 @@ class DomainNormalizer:
       features ``(N, D)`` (a first batch of a stream), or a ``(D,)`` mean when only centring;
       ``None`` goes back to the statistics of each batch.
 
+    ``per_image=True``: test features are always normalised with the support statistics, whatever
+    the batch (no statistic of any other test image is used; the result of a batch equals that of
+    its images one by one); :meth:`set_statistics` is then refused.
+
     ``statistics``: the ``(features, mode) -> (mean, std)`` estimator (default
     :func:`domain_statistics`).
     """
 
     def __init__(self, mode: str = "none", min_batch: int = 16,
-                 statistics: Statistics | None = None):
+                 statistics: Statistics | None = None, per_image: bool = False):
         _check_mode(mode)
+        if not isinstance(per_image, (bool, np.bool_)):
+            raise ValueError(f"per_image must be True or False, got {per_image!r}")
         self.mode = mode
         self.min_batch = int(min_batch)
         self.statistics = statistics or domain_statistics
+        self.per_image = bool(per_image)
         self.test_mean_ = self.test_std_ = None
 
     @property
@@ -150,6 +159,9 @@ class DomainNormalizer:
         if features is None:
             self.test_mean_ = self.test_std_ = None
             return self
+        if self.per_image:
+            raise ValueError("per-image scoring uses the support statistics for every test image: "
+                             "fixing test statistics (set_test_mean) would use other test images")
         if features.ndim == 2:
             self.test_mean_, self.test_std_ = self.statistics(
                 features, self.mode if self.active else "center")
@@ -162,6 +174,8 @@ class DomainNormalizer:
 
     def test_statistics(self, features: torch.Tensor, stacklevel: int = 2):
         """``(mean, std)`` that :meth:`transform` applies to the batch ``features``."""
+        if self.per_image:
+            return self.support_mean_, self.support_std_
         if self.test_mean_ is not None:
             return self.test_mean_, self.test_std_
         if features.shape[0] >= max(2, self.min_batch):

@@ -1,0 +1,82 @@
+"""``resend fit``: fit a detector on a support folder once and save it to one file."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from ..detectors import SAVABLE_METHODS, save_detector
+from ..models import default_checkpoint_path
+from ..report import scan_support
+from .common import add_detector_options, detector_factory
+from .score import _tpr
+
+
+def add_parser(sub, name):
+    p = sub.add_parser(
+        name,
+        help="fit a detector on a support folder and save it to one .safetensors file",
+        description=(
+            "Fit the detector on SUPPORT (support/<class>/<image>), set its threshold (support "
+            "leave-one-out for recall --tpr R, or --threshold T) and save everything scoring "
+            "needs to OUT: the fitted tensors (prototypes, domain-normalised support features, "
+            "normalisation statistics), the threshold and how it was chosen, the class names, "
+            "the method and its options, the backbone and relational checkpoint names with the "
+            "SHA-256 of their weights, and the package version. A safetensors file: nothing in "
+            "it is executable. Score with 'resend score --detector OUT --test DIR' (same scores "
+            "as 'resend score --support SUPPORT') or '--watch DIR'. Methods: resend, cosine*, "
+            "euclidean, knn, mahalanobis (ft-* and gram cannot be saved)."
+        ),
+    )
+    p.add_argument("--support", required=True, metavar="DIR",
+                   help="reference images, one sub-folder per known class: DIR/<class>/<image>")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the detector file to write (e.g. detector.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    thr = p.add_mutually_exclusive_group()
+    thr.add_argument("--threshold", type=float, default=None, metavar="T",
+                     help="flag images with normality < T as unknown (default: calibrate, --tpr)")
+    thr.add_argument("--tpr", type=_tpr, default=0.95, metavar="R",
+                     help="calibrate the threshold on the support set: leave-one-out normality "
+                     "of each support image; threshold = the value accepting a fraction R of "
+                     "them (default 0.95)")
+    add_detector_options(p)
+    return p
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    if args.method not in SAVABLE_METHODS:  # before the slow part
+        raise ValueError(f"method {args.method!r} cannot be saved to a detector file (it fits "
+                         f"more than class statistics); choose one of {', '.join(SAVABLE_METHODS)}")
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"{args.out} exists: pass --overwrite to replace it")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            det = detector_factory(args)()
+            paths, labels, class_names = scan_support(args.support)
+            feats = det.features(paths, desc="support features")[0]
+            if args.threshold is None:
+                det.calibrate_features(feats, labels, tpr=args.tpr)
+                det.threshold_rule_ = {"source": "support leave-one-out",
+                                       **{k: v for k, v in det.calibration_.items() if k != "rule"}}
+            else:
+                det.fit_features(feats, labels)
+                det.threshold_ = float(args.threshold)
+                det.threshold_rule_ = {"source": "given"}
+            det.class_names_ = [class_names[int(c)] for c in det.classes_]
+            checkpoint = None
+            if args.method == "resend":
+                checkpoint = args.model or default_checkpoint_path()
+            path = save_detector(det, args.out, checkpoint=checkpoint, overwrite=args.overwrite,
+                                 extra={"support": str(args.support)})
+        finally:
+            for w in caught:
+                print(f"resend {args.command}: warning: {w.message}", file=sys.stderr)
+    print(f"method {det.name}: {len(det.class_names_)} known classes "
+          f"({', '.join(det.class_names_)}) from {len(paths)} support images, threshold "
+          f"{det.threshold_:.4g} ({det.threshold_rule_['source']})")
+    print(f"wrote {path}")
+    return 0

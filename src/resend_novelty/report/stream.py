@@ -1,0 +1,189 @@
+"""Scoring with a fitted detector: a test folder at once (:func:`score_fitted`), or a stream of
+images as they arrive (:func:`watch`).
+
+:func:`watch` polls a folder (or reads image paths, one per line, from a text stream such as
+stdin), scores each new image on its own and appends one row per image to a CSV with the
+columns of ``scores.csv`` (path, normality, nearest_class, sim_<class>..., prediction). Each row
+is flushed as it is written, so an interruption (Ctrl-C) leaves a complete CSV; on restart the
+paths already in the CSV are skipped (resumable). A file is scored once its size has stayed the
+same over two polls (a file still being copied is left for the next poll).
+
+Per image: an image scored on its own cannot supply the statistics of its domain, so the domain
+normalisation (``center=``) uses the test statistics fixed in the detector (``set_test_mean``)
+or, failing those, the support statistics.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable, TextIO
+
+import numpy as np
+
+from ..data import IMAGE_EXTENSIONS, DataError
+from .folders import scan_test
+from .result import UNKNOWN_NAME, ScoreResult
+
+__all__ = ["score_fitted", "watch", "csv_header"]
+
+
+def score_fitted(detector, test: str | os.PathLike) -> ScoreResult:
+    """Score every image under ``test`` with a fitted detector (e.g. from
+    :func:`~resend_novelty.detectors.load_detector`), with its threshold; the same scores as
+    :func:`~resend_novelty.report.score_folders` on the support folder it was fitted on."""
+    if getattr(detector, "threshold_", None) is None:
+        raise ValueError("the detector has no threshold: fit it with a threshold (resend fit "
+                         "--tpr R or --threshold T)")
+    test_set = scan_test(test)
+    feats = detector.features(test_set.paths, desc="test features")[0]
+    u = detector.similarities_features(detector.prepare_features(feats))
+    normality = detector.normality_from_similarities(u).numpy()
+    rule = dict(getattr(detector, "threshold_rule_", None) or {})
+    rule.setdefault("source", "detector file")
+    return ScoreResult(
+        paths=test_set.paths,
+        normality=np.asarray(normality, dtype=np.float64),
+        similarities=np.asarray(u.numpy(), dtype=np.float64),
+        class_names=list(detector.class_names_),
+        threshold=float(detector.threshold_),
+        threshold_rule=rule,
+        method=getattr(detector, "name", type(detector).__name__),
+        test_labels=test_set.labels,
+        support_counts=dict(zip(detector.class_names_,
+                                (int(n) for n in detector.class_counts_))),
+        support="",
+        test=str(test),
+        test_layout=test_set.layout,
+    )
+
+
+def csv_header(class_names) -> list[str]:
+    return ["path", "normality", "nearest_class", *[f"sim_{c}" for c in class_names],
+            "prediction"]
+
+
+def _already_scored(path: Path, header: list[str]) -> set[str]:
+    """Paths in an existing CSV (checked to have ``header``); an empty set for a new file."""
+    if not path.exists() or path.stat().st_size == 0:
+        return set()
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or rows[0] != header:
+        raise ValueError(f"{path} exists with other columns than this detector's "
+                         f"({', '.join(header[:4])}, ...): choose another output file")
+    return {r[0] for r in rows[1:] if r}
+
+
+def _folder_images(folder: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in filenames
+                     if not f.startswith(".")
+                     and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+    return sorted(found)
+
+
+def _per_image_statistics(detector) -> None:
+    """Fix the domain-normalisation statistics for images scored one by one (module doc)."""
+    norm = getattr(detector, "normalizer", None)
+    if norm is not None and norm.active and norm.test_mean_ is None:
+        norm.test_mean_, norm.test_std_ = norm.support_mean_, norm.support_std_
+
+
+def watch(detector, source: str | os.PathLike | TextIO, csv_path: str | os.PathLike, *,
+          poll: float = 1.0, max_images: int | None = None, timeout: float | None = None,
+          log: TextIO | None = None) -> dict:
+    """Score images as they arrive and append them to ``csv_path`` (module doc).
+
+    ``source``: a folder to poll every ``poll`` seconds, or a text stream of image paths (one
+    per line; ends at end of input). Stops after ``max_images`` new images, after ``timeout``
+    seconds, at the end of a text stream, or on Ctrl-C (KeyboardInterrupt, caught: the CSV stays
+    complete). Unreadable images are reported on ``log`` (default stderr) and not written, so a
+    restart tries them again. Returns counts: ``scored``, ``skipped`` (already in the CSV),
+    ``failed``, ``flagged_unknown``, ``interrupted``.
+    """
+    if getattr(detector, "threshold_", None) is None:
+        raise ValueError("the detector has no threshold: fit it with --tpr R or --threshold T")
+    log = log or sys.stderr
+    csv_path = Path(csv_path)
+    header = csv_header(detector.class_names_)
+    done = _already_scored(csv_path, header)
+    stats = {"scored": 0, "skipped": len(done), "failed": 0, "flagged_unknown": 0,
+             "interrupted": False}
+    folder = None if hasattr(source, "readline") else Path(source)
+    if folder is not None and not folder.is_dir():
+        raise DataError(f"watched folder not found: {folder}")
+    _per_image_statistics(detector)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not csv_path.exists() or csv_path.stat().st_size == 0
+    start = time.monotonic()
+    failed: set[str] = set()
+    sizes: dict[str, int] = {}
+    with open(csv_path, "a", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        if new_file:
+            writer.writerow(header)
+            fh.flush()
+
+        def score(paths: Iterable[str]) -> bool:
+            """Score ``paths``; True when max_images is reached."""
+            for p in paths:
+                try:
+                    feats = detector.features([p], desc="stream")[0]
+                except (DataError, OSError, ValueError) as exc:
+                    print(f"resend watch: warning: {p} not scored: {exc}", file=log)
+                    failed.add(p)
+                    stats["failed"] += 1
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # one image: statistics fixed above
+                    u = detector.similarities_features(detector.prepare_features(feats))
+                    s = float(detector.normality_from_similarities(u)[0])
+                k = int(u[0].argmax())
+                unknown = s < detector.threshold_
+                writer.writerow([p, f"{s:.6g}", detector.class_names_[k],
+                                 *[f"{float(v):.6g}" for v in u[0]],
+                                 UNKNOWN_NAME if unknown else detector.class_names_[k]])
+                fh.flush()
+                done.add(p)
+                stats["scored"] += 1
+                stats["flagged_unknown"] += int(unknown)
+                if max_images is not None and stats["scored"] >= max_images:
+                    return True
+            return False
+
+        try:
+            while True:
+                if timeout is not None and time.monotonic() - start >= timeout:
+                    break
+                if folder is None:
+                    line = source.readline()
+                    if not line:
+                        break
+                    p = line.strip()
+                    if p and p not in done and score([p]):
+                        break
+                    continue
+                ready = []
+                for p in _folder_images(folder):
+                    if p in done or p in failed:
+                        continue
+                    try:
+                        size = os.path.getsize(p)
+                    except OSError:
+                        continue
+                    if size > 0 and sizes.get(p) == size:
+                        ready.append(p)
+                    sizes[p] = size
+                if score(ready):
+                    break
+                time.sleep(poll)
+        except KeyboardInterrupt:
+            stats["interrupted"] = True
+    return stats
