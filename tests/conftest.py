@@ -78,6 +78,16 @@ class _Exploit:
         return (Path.touch, (Path(self.target),))
 
 
+@pytest.fixture
+def tiny_registered(tiny_backbone, monkeypatch):
+    """The tiny test backbone's class, registered under its name as ``--backbone`` resolves it."""
+    from resend_novelty.backbones import BACKBONES
+
+    cls = type(tiny_backbone)
+    monkeypatch.setitem(BACKBONES, cls.name, cls)
+    return cls
+
+
 @pytest.fixture(scope="session")
 def evil_pickle():
     """``evil_pickle(path, marker)``: write a pickle at ``path`` whose unpickling creates ``marker``."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import COLORS, DATA_ROOT, make_image
 
-from resend_novelty.backbones import BACKBONES, build_backbone
+from resend_novelty.backbones import build_backbone
 from resend_novelty.cli import build_parser, main
 from resend_novelty.cli.main import COMMANDS
 from resend_novelty.features import extract_features
@@ -66,13 +66,6 @@ def test_console_script_help_in_a_subprocess():
 
 
 # --------------------------------------------------------------------------- resend eval
-@pytest.fixture
-def tiny_registered(tiny_backbone, monkeypatch):
-    cls = type(tiny_backbone)
-    monkeypatch.setitem(BACKBONES, cls.name, cls)
-    return cls
-
-
 @pytest.fixture
 def lists(tmp_path):
     """root/img/<class>/<i>.png with list files: support (3 known classes), test (+ unknown)."""

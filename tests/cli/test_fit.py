@@ -13,16 +13,8 @@ import pytest
 import torch
 from conftest import COLORS, make_image
 
-from resend_novelty.backbones import BACKBONES
 from resend_novelty.cli import main
 from resend_novelty.models import RelationalConfig, RelationalModule, save_checkpoint
-
-
-@pytest.fixture
-def tiny_registered(tiny_backbone, monkeypatch):
-    cls = type(tiny_backbone)
-    monkeypatch.setitem(BACKBONES, cls.name, cls)
-    return cls
 
 
 def _cli(capsys, *argv):

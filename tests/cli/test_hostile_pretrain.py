@@ -10,15 +10,7 @@ import torch
 from conftest import make_image
 from safetensors.torch import load_file, save_file
 
-from resend_novelty.backbones import BACKBONES
 from resend_novelty.cli import main
-
-
-@pytest.fixture
-def tiny_registered(tiny_backbone, monkeypatch):
-    cls = type(tiny_backbone)
-    monkeypatch.setitem(BACKBONES, cls.name, cls)
-    return cls
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from conftest import COLORS, make_image
-from resend_novelty.backbones import BACKBONES
 from resend_novelty.cli.main import main
 from resend_novelty.detectors import ReSeNDDetector, build_detector
 from resend_novelty.transforms import DomainNormalizer, normalize
@@ -119,13 +118,6 @@ def test_small_batches_need_no_warning_per_image(recwarn):
 
 
 # --------------------------------------------------------------------------- CLI
-@pytest.fixture
-def tiny_registered(tiny_backbone, monkeypatch):
-    cls = type(tiny_backbone)
-    monkeypatch.setitem(BACKBONES, cls.name, cls)
-    return cls
-
-
 @pytest.fixture
 def lists(tmp_path):
     root = tmp_path / "data"

@@ -11,18 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from resend_novelty import load_detector as top_level_load_detector
-from resend_novelty.backbones import BACKBONES
 from resend_novelty.detectors import (FT_DETECTORS, DetectorFileError, build_detector,
                                       load_detector, read_detector_metadata, save_detector)
 from resend_novelty.models import RelationalConfig, RelationalModule, save_checkpoint
 from resend_novelty.report import score_fitted, score_folders
-
-
-@pytest.fixture
-def tiny_registered(tiny_backbone, monkeypatch):
-    cls = type(tiny_backbone)
-    monkeypatch.setitem(BACKBONES, cls.name, cls)
-    return cls
 
 
 def _checkpoint(path):

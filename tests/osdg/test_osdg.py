@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from resend_novelty import osdg
-from resend_novelty.backbones import BACKBONES
 from resend_novelty.cli import main
 from resend_novelty.data import read_list_file
 from resend_novelty.evaluation import SETTINGS, Setting, Target, h_score
@@ -144,9 +143,9 @@ def test_linear_classifier_is_reproducible_and_learns():
 
 # --------------------------------------------------------------------------- end to end
 @pytest.fixture
-def tiny_registered(tiny_backbone, monkeypatch):
-    monkeypatch.setitem(BACKBONES, type(tiny_backbone).name, type(tiny_backbone))
-    return type(tiny_backbone).name
+def tiny_name(tiny_registered):
+    """The registered tiny backbone's name (``--backbone`` argument)."""
+    return tiny_registered.name
 
 
 def _lists(root):
@@ -162,7 +161,7 @@ def _lists(root):
     return root / "support.txt", root / "test.txt"
 
 
-def test_end_to_end_user_mode_cli(class_folders, tiny_backbone, tiny_registered, tmp_path, capsys):
+def test_end_to_end_user_mode_cli(class_folders, tiny_backbone, tiny_name, tmp_path, capsys):
     sup_list, test_list = _lists(class_folders)
     sup = read_list_file(sup_list, class_folders)
     test = read_list_file(test_list, class_folders)
@@ -177,7 +176,7 @@ def test_end_to_end_user_mode_cli(class_folders, tiny_backbone, tiny_registered,
     rc = main([
         "osdg", "--probs", str(tmp_path / "test_probs.csv"), "--support-probs",
         str(tmp_path / "sup_probs.npy"), "--support", str(sup_list), "--test", str(test_list),
-        "--root", str(class_folders), "--method", "cosine", "--backbone", tiny_registered,
+        "--root", str(class_folders), "--method", "cosine", "--backbone", tiny_name,
         "--folds", "2", "--quiet", "--json", str(out_json), "--out-csv", str(out_csv),
     ])
     assert rc == 0, capsys.readouterr().err
@@ -194,25 +193,25 @@ def test_end_to_end_user_mode_cli(class_folders, tiny_backbone, tiny_registered,
     osdg.save_probabilities(tmp_path / "bad.csv", np.full((12, 4), 0.25))
     rc = main(["osdg", "--probs", str(tmp_path / "bad.csv"), "--support", str(sup_list),
                "--test", str(test_list), "--root", str(class_folders), "--method", "cosine",
-               "--backbone", tiny_registered, "--threshold", "0.5", "--normalize", "none", "--quiet"])
+               "--backbone", tiny_name, "--threshold", "0.5", "--normalize", "none", "--quiet"])
     assert rc == 2
     assert "4 columns but there are 3 known classes" in capsys.readouterr().err
     # no source probabilities and no fixed threshold
     rc = main(["osdg", "--probs", str(tmp_path / "test_probs.csv"), "--support", str(sup_list),
                "--test", str(test_list), "--root", str(class_folders), "--method", "cosine",
-               "--backbone", tiny_registered, "--quiet"])
+               "--backbone", tiny_name, "--quiet"])
     assert rc == 2 and "--support-probs" in capsys.readouterr().err
     # a fixed threshold needs no source probabilities
     rc = main(["osdg", "--probs", str(tmp_path / "test_probs.csv"), "--support", str(sup_list),
                "--test", str(test_list), "--root", str(class_folders), "--method", "cosine",
-               "--backbone", tiny_registered, "--threshold", "2", "--normalize", "none",
+               "--backbone", tiny_name, "--threshold", "2", "--normalize", "none",
                "--quiet", "--json", str(out_json), "--overwrite"])  # replaces the first run's
     assert rc == 0
     m = json.loads(out_json.read_text())
     assert m["fused"]["rejected"] == 1.0 and m["fused"]["threshold"] == 2.0
 
 
-def test_end_to_end_benchmark_mode(class_folders, tiny_registered, tmp_path, monkeypatch, capsys):
+def test_end_to_end_benchmark_mode(class_folders, tiny_name, tmp_path, monkeypatch, capsys):
     _lists(class_folders)
     lists = class_folders / "lists"
     lists.mkdir()
@@ -224,7 +223,7 @@ def test_end_to_end_benchmark_mode(class_folders, tiny_registered, tmp_path, mon
     ))
     out = tmp_path / "r.json"
     rc = main(["osdg", "tiny-osdg", "--data-root", str(class_folders), "--method", "cosine",
-               "--backbone", tiny_registered, "--classifier-backbone", tiny_registered,
+               "--backbone", tiny_name, "--classifier-backbone", tiny_name,
                "--folds", "2", "--quiet", "--json", str(out)])
     assert rc == 0, capsys.readouterr().err
     r = json.loads(out.read_text())

@@ -13,7 +13,6 @@ import torch
 from conftest import COLORS, make_image
 from PIL import Image
 
-from resend_novelty.backbones import BACKBONES
 from resend_novelty.cli import main
 from resend_novelty.data import DataError
 from resend_novelty.detectors import UNKNOWN, CosineDetector, EuclideanDetector, ReSeNDDetector
@@ -23,14 +22,6 @@ from resend_novelty.report import scan_support, scan_test, score_folders, write_
 
 def _seed(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
-
-
-@pytest.fixture
-def tiny_registered(tiny_backbone, monkeypatch):
-    """Register the tiny test backbone under its name, as the CLI's --backbone resolves it."""
-    cls = type(tiny_backbone)
-    monkeypatch.setitem(BACKBONES, cls.name, cls)
-    return cls
 
 
 def _cosine(bb):

@@ -24,7 +24,7 @@ from .profiling import (
     sync_device,
     torch_threads,
 )
-from .result import UNKNOWN_NAME, ScoreResult, score_folders
+from .result import UNKNOWN_NAME, ScoreResult, score_folders, score_test_set
 from .stream import csv_header, score_fitted, watch
 from .writer import write_report
 
@@ -35,6 +35,7 @@ __all__ = [
     "scan_support",
     "scan_test",
     "score_folders",
+    "score_test_set",
     "score_fitted",
     "watch",
     "csv_header",

@@ -45,7 +45,7 @@ from ..evaluation import closed_set_accuracy, h_score, novelty_report
 from ..data import DataError
 from .folders import check_disjoint, scan_support, scan_test
 
-__all__ = ["UNKNOWN_NAME", "ScoreResult", "score_folders", "csv_text"]
+__all__ = ["UNKNOWN_NAME", "ScoreResult", "score_folders", "score_test_set", "csv_text"]
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -220,9 +220,17 @@ def score_folders(
         detector.threshold_ = float(threshold)
         rule = {"source": "given"}
     detector.class_names_ = [class_names[int(c)] for c in detector.classes_]
-    counts = dict(zip(detector.class_names_, (int(n) for n in detector.class_counts_)))
-    test_feats = detector.features(test_set.paths, desc="test features")[0]
-    u = detector.similarities_features(detector.prepare_features(test_feats))
+    return score_test_set(detector, test_set, rule, support=str(support), test=str(test))
+
+
+def score_test_set(detector, test_set, threshold_rule: dict, support: str, test: str
+                   ) -> ScoreResult:
+    """Score the images of ``test_set`` (:func:`~resend_novelty.report.scan_test`) with a fitted
+    detector and its ``threshold_``: the one scoring step of :func:`score_folders` and of a
+    detector file (:func:`~resend_novelty.report.score_fitted`). Non-finite scores or threshold
+    are errors."""
+    feats = detector.features(test_set.paths, desc="test features")[0]
+    u = detector.similarities_features(detector.prepare_features(feats))
     normality = detector.normality_from_similarities(u).numpy()
     _check_finite(normality, test_set.paths, detector)
     if not math.isfinite(float(detector.threshold_)):
@@ -234,12 +242,13 @@ def score_folders(
         similarities=np.asarray(u.numpy(), dtype=np.float64),
         class_names=list(detector.class_names_),
         threshold=float(detector.threshold_),
-        threshold_rule=rule,
+        threshold_rule=threshold_rule,
         method=getattr(detector, "name", type(detector).__name__),
         test_labels=test_set.labels,
-        support_counts=counts,
-        support=str(support),
-        test=str(test),
+        support_counts=dict(zip(detector.class_names_,
+                                (int(n) for n in detector.class_counts_))),
+        support=support,
+        test=test,
         test_layout=test_set.layout,
     )
 

@@ -23,11 +23,10 @@ import warnings
 from pathlib import Path
 from typing import Iterable, TextIO
 
-import numpy as np
 
 from ..data import IMAGE_EXTENSIONS, DataError
 from .folders import scan_test
-from .result import UNKNOWN_NAME, ScoreResult
+from .result import UNKNOWN_NAME, ScoreResult, score_test_set
 
 __all__ = ["score_fitted", "watch", "csv_header"]
 
@@ -39,27 +38,9 @@ def score_fitted(detector, test: str | os.PathLike) -> ScoreResult:
     if getattr(detector, "threshold_", None) is None:
         raise ValueError("the detector has no threshold: fit it with a threshold (resend fit "
                          "--tpr R or --threshold T)")
-    test_set = scan_test(test)
-    feats = detector.features(test_set.paths, desc="test features")[0]
-    u = detector.similarities_features(detector.prepare_features(feats))
-    normality = detector.normality_from_similarities(u).numpy()
     rule = dict(getattr(detector, "threshold_rule_", None) or {})
     rule.setdefault("source", "detector file")
-    return ScoreResult(
-        paths=test_set.paths,
-        normality=np.asarray(normality, dtype=np.float64),
-        similarities=np.asarray(u.numpy(), dtype=np.float64),
-        class_names=list(detector.class_names_),
-        threshold=float(detector.threshold_),
-        threshold_rule=rule,
-        method=getattr(detector, "name", type(detector).__name__),
-        test_labels=test_set.labels,
-        support_counts=dict(zip(detector.class_names_,
-                                (int(n) for n in detector.class_counts_))),
-        support="",
-        test=str(test),
-        test_layout=test_set.layout,
-    )
+    return score_test_set(detector, scan_test(test), rule, support="", test=str(test))
 
 
 def csv_header(class_names) -> list[str]:
