@@ -1,6 +1,6 @@
 """How close each threshold rule gets to the asked recall of the known classes, on PACS.
 
-    RESEND_CACHE=/work/cache python benchmarks/thresholds.py --data-root ../shared/data
+    RESEND_CACHE=DIR python benchmarks/thresholds.py --data-root ../shared/data
 
 Rules (``resend score --threshold-from support|test``):
 
@@ -99,7 +99,7 @@ def _write(rows, methods, tprs, argv, t_all, write: bool) -> None:
             gap = {k: np.mean([abs(r[k]["recall"] - tpr) for *_, r in sel]) for k in ("support", "test")}
             lines += ["", f"mean |gap|: support {100 * gap['support']:.1f}, test "
                       f"{100 * gap['test']:.1f} points.", ""]
-    lines += [f"Command: `RESEND_CACHE=/work/cache {cmd}`  ",
+    lines += [f"Command: `RESEND_CACHE=DIR {cmd}`  ",
               f"Machine: {machine()} (2 cores shared with other jobs); backbone features from "
               f"the warm on-disk cache. Wall time {wall:.0f} s."]
     if write:
