@@ -171,3 +171,26 @@ def test_threshold_from_test(class_folders, tiny_registered, tmp_path, capsys):
     rc, out, err = _cli(capsys, "score", "--support", class_folders / "support", "--test",
                         class_folders / "test", "--threshold", "0.5", "--threshold-from", "test")
     assert rc == 2 and "exclude each other" in err
+
+
+def test_per_image_applies_to_a_detector_file(class_folders, tiny_registered, tmp_path, capsys):
+    """`score --detector F --per-image` gives the scores of `score --support DIR --per-image`."""
+    opts = ["--method", "cosine-standardized", "--backbone", "tiny_test_cnn"]
+    sup, test = class_folders / "support", class_folders / "test"
+    for i in range(8):  # 20 test images: enough for the transductive statistics of the batch
+        make_image(test / "yellow" / f"more{i}.png", COLORS["yellow"], noise_seed=50 + i)
+    rc, _, err = _cli(capsys, "score", "--support", sup, "--test", test, "--out", tmp_path / "a",
+                      "--tpr", "0.9", "--no-plots", "--per-image", *opts)
+    assert rc == 0, err
+    det = tmp_path / "d.safetensors"
+    assert _cli(capsys, "fit", "--support", sup, "--out", det, "--tpr", "0.9", *opts)[0] == 0
+    for out, extra in (("b", ["--per-image"]), ("c", [])):
+        rc, _, err = _cli(capsys, "score", "--detector", det, "--test", test, "--out",
+                          tmp_path / out, "--no-plots", *extra)
+        assert rc == 0, err
+    a, b, c = (_rows(tmp_path / o / "scores.csv") for o in "abc")
+    assert [float(r["normality"]) for r in a] == pytest.approx(
+        [float(r["normality"]) for r in b], abs=1e-6)
+    # transductive (the default) uses the statistics of the test images scored together
+    assert [float(r["normality"]) for r in c] != pytest.approx(
+        [float(r["normality"]) for r in a], abs=1e-6)

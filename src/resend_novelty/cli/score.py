@@ -85,9 +85,15 @@ def add_parser(sub, name):
 
 
 def _load(args):
-    return load_detector(args.detector, model=args.model, device=args.device,
-                         cache=feature_cache(args), batch_size=args.batch_size,
-                         num_workers=args.workers, progress=not args.quiet)
+    det = load_detector(args.detector, model=args.model, device=args.device,
+                        cache=feature_cache(args), batch_size=args.batch_size,
+                        num_workers=args.workers, progress=not args.quiet)
+    if getattr(args, "per_image", False):  # --per-image applies to a detector file too
+        if getattr(getattr(det, "refiner", None), "steps", 0):
+            raise ValueError("--per-image: the detector file refines prototypes on the test "
+                             "images scored together; fit it without --refine")
+        det.normalizer.per_image = True
+    return det
 
 
 def _check(args) -> None:
