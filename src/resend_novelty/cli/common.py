@@ -9,6 +9,10 @@ size, cache); :func:`detector_factory` turns the parsed options into typed argum
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
 
 from ..backbones import build_backbone
 from ..detectors import DETECTORS, build_detector
@@ -162,10 +166,6 @@ def check_output(path, *, inside=(), overwrite: bool = False, folder: bool = Fal
     ``overwrite`` and ``folder``, the files named ``owned`` (the command's own outputs) are
     removed, so no stale plot of an earlier run stays; nothing else is deleted.
     """
-    import os
-    import tempfile
-    from pathlib import Path
-
     p = Path(path)
     real = Path(os.path.realpath(p))
     for src in inside:
@@ -203,7 +203,6 @@ def check_output(path, *, inside=(), overwrite: bool = False, folder: bool = Fal
 
 def finite_float(value: str) -> float:
     """argparse type: a float that is not NaN or infinite."""
-    import math
 
     try:
         v = float(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 from ..detectors import SAVABLE_METHODS, save_detector
 from ..models import default_checkpoint_path
@@ -45,8 +46,6 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     if args.method not in SAVABLE_METHODS:  # before the slow part
         raise ValueError(f"method {args.method!r} cannot be saved to a detector file (it fits "
                          f"more than class statistics); choose one of {', '.join(SAVABLE_METHODS)}")

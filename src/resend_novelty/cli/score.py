@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from ..data import printable
 from ..detectors import THRESHOLD_SOURCES, load_detector, test_mode_threshold
@@ -112,8 +113,6 @@ def _check(args) -> None:
 
 
 def _run_watch(args) -> int:
-    from pathlib import Path
-
     det = _load(args)
     if args.threshold is not None:
         det.threshold_ = float(args.threshold)

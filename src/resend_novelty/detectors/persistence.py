@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -46,8 +47,6 @@ _PREFIX = "fitted."
 
 
 def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("resend-novelty")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree

@@ -19,6 +19,7 @@ upper mode, and it needs enough test images (``min_images``) for two modes to be
 from __future__ import annotations
 
 import numpy as np
+from sklearn.mixture import GaussianMixture
 
 __all__ = ["test_mode_threshold", "THRESHOLD_SOURCES"]
 
@@ -32,8 +33,6 @@ def test_mode_threshold(scores, tpr: float = 0.95, seed: int = 0,
     ``rule`` records how it was chosen: the mixture's means, standard deviations and weights,
     the known component's share of the images, ``tpr`` and the number of images.
     """
-    from sklearn.mixture import GaussianMixture
-
     s = np.asarray(scores, dtype=np.float64).ravel()
     if not 0.0 < float(tpr) <= 1.0:
         raise ValueError(f"tpr must be in (0, 1], got {tpr}")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -51,7 +52,7 @@ from .checkpointing import load_training_checkpoint, save_training_checkpoint, s
 from .config import TrainConfig, default_val_classes
 from .distributed import all_reduce_sum, init_distributed, is_distributed, training_device
 from .objective import build_optimizer, pair_loss
-from .pairs import PairSampler, Pairs
+from .pairs import Pairs, PairSampler
 from .reference import ReferenceSet, center_by_domain, load_reference_features
 from .validation import proxy_validation_auroc, validation_auroc
 
@@ -69,8 +70,6 @@ def prepare_out(out: Path, resume: bool = False, overwrite: bool = False) -> Non
     needs ``resume`` (continue it) or ``overwrite`` (delete its run files, listed in
     :data:`RUN_FILES`, and start over); any other non-empty folder needs ``overwrite``.
     """
-    import shutil
-
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     if resume and overwrite:
