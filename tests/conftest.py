@@ -89,6 +89,24 @@ def tiny_registered(tiny_backbone, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def reference_features():
+    """``reference_features(path, n_classes=8, per=8, dim=12, dtype=torch.int64)``: write a
+    synthetic reference set of clustered features (``{"features", "labels"}`` safetensors, as
+    ``resend features --export`` writes) to ``path`` and return the path as a string."""
+    from safetensors.torch import save_file
+
+    def write(path, n_classes=8, per=8, dim=12, dtype=torch.int64) -> str:
+        g = torch.Generator().manual_seed(0)
+        centers = torch.randn(n_classes, dim, generator=g) * 2
+        labels = torch.arange(n_classes).repeat_interleave(per)
+        feats = (centers[labels] + torch.randn(len(labels), dim, generator=g)).relu()
+        save_file({"features": feats, "labels": labels.to(dtype)}, str(path))
+        return str(path)
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def evil_pickle():
     """``evil_pickle(path, marker)``: write a pickle at ``path`` whose unpickling creates ``marker``."""
 

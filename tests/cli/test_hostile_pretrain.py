@@ -8,18 +8,14 @@ import json
 import pytest
 import torch
 from conftest import make_image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from resend_novelty.cli import main
 
 
 @pytest.fixture
-def synth(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(8).repeat_interleave(8)
-    feats = (torch.randn(8, 12, generator=g)[labels] * 2 + torch.randn(64, 12, generator=g)).relu()
-    save_file({"features": feats, "labels": labels}, str(tmp_path / "synth.safetensors"))
-    return str(tmp_path / "synth.safetensors")
+def synth(tmp_path, reference_features):
+    return reference_features(tmp_path / "synth.safetensors")
 
 
 _FAST = ["--steps", "2", "--batch-pairs", "16", "--warmup", "1", "--optimizer", "adamw",

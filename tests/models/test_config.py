@@ -22,7 +22,6 @@ from resend_novelty.models import (
     read_metadata,
     save_checkpoint,
     sdpa_attention,
-    short_attention,
     split_config,
 )
 
@@ -123,15 +122,6 @@ def test_legacy_checkpoint_with_scoring_inside_the_config(tmp_path):
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path2),
               metadata={"format": FORMAT, "config": json.dumps(m.config.to_dict())})
     assert load_checkpoint(path2).scoring == ScoringConfig()
-
-
-def test_short_attention_equals_sdpa():
-    g = torch.Generator().manual_seed(0)
-    for lq in (3, 1):
-        q = torch.randn(50, lq, 32, generator=g)
-        k, v = torch.randn(50, 3, 32, generator=g), torch.randn(50, 3, 32, generator=g)
-        torch.testing.assert_close(short_attention(q, k, v, 4), sdpa_attention(q, k, v, 4),
-                                   atol=1e-5, rtol=1e-5)
 
 
 def test_pairwise_logits_options_compute_the_same_function():

@@ -13,18 +13,9 @@ from resend_novelty.training import TrainConfig, train
 from resend_novelty.training.config import default_val_classes
 
 
-def _features(path, n_classes=8, per=8, dtype=torch.int64):
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(n_classes, 12, generator=g) * 2
-    labels = torch.arange(n_classes).repeat_interleave(per)
-    feats = (centers[labels] + torch.randn(len(labels), 12, generator=g)).relu()
-    save_file({"features": feats, "labels": labels.to(dtype)}, str(path))
-    return str(path)
-
-
 @pytest.fixture
-def synth(tmp_path):
-    return _features(tmp_path / "synth.safetensors")
+def synth(tmp_path, reference_features):
+    return reference_features(tmp_path / "synth.safetensors")
 
 
 def _cfg(data, out, **kw):
@@ -89,8 +80,8 @@ def test_bad_training_options_are_refused(kw, match):
         TrainConfig(data="x", **kw)
 
 
-def test_float_and_negative_labels_in_a_features_file_are_refused(tmp_path):
-    f = _features(tmp_path / "f.safetensors", dtype=torch.float32)
+def test_float_and_negative_labels_in_a_features_file_are_refused(tmp_path, reference_features):
+    f = reference_features(tmp_path / "f.safetensors", dtype=torch.float32)
     with pytest.raises(DataError, match=r"'labels' must be integers, got torch.float32"):
         train(_cfg(f, tmp_path / "a"), progress=False)
     g = torch.randn(4, 12).relu()
@@ -102,9 +93,9 @@ def test_float_and_negative_labels_in_a_features_file_are_refused(tmp_path):
         train(_cfg(str(tmp_path / "junk.safetensors"), tmp_path / "c"), progress=False)
 
 
-def test_default_validation_classes_scale_to_the_data(tmp_path):
+def test_default_validation_classes_scale_to_the_data(tmp_path, reference_features):
     assert [default_val_classes(n) for n in (3, 4, 6, 40, 80, 200)] == [0, 2, 2, 10, 20, 20]
-    f = _features(tmp_path / "six.safetensors", n_classes=6)
+    f = reference_features(tmp_path / "six.safetensors", n_classes=6)
     s = train(_cfg(f, tmp_path / "run", val_classes=None, val_every=1), progress=False)
     assert len(s["val_classes"]) == 2 and s["best_val_auroc"] is not None
     run = json.loads((tmp_path / "run" / "run.json").read_text())

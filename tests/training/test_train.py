@@ -12,21 +12,15 @@ import time
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from resend_novelty.models import load_checkpoint
 from resend_novelty.training import PairSampler, TrainConfig, train
 
 
 @pytest.fixture
-def synth(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(10, 24, generator=g) * 2
-    labels = torch.arange(10).repeat_interleave(16)
-    feats = (centers[labels] + torch.randn(len(labels), 24, generator=g)).relu()
-    path = tmp_path / "synth.safetensors"
-    save_file({"features": feats, "labels": labels}, str(path))
-    return str(path)
+def synth(tmp_path, reference_features):
+    return reference_features(tmp_path / "synth.safetensors", n_classes=10, per=16, dim=24)
 
 
 def _cfg(synth, out, **kw):

@@ -23,14 +23,8 @@ from resend_novelty.training import TrainConfig, train
 
 
 @pytest.fixture
-def synth(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(8, 12, generator=g) * 2
-    labels = torch.arange(8).repeat_interleave(8)
-    feats = (centers[labels] + torch.randn(len(labels), 12, generator=g)).relu()
-    path = tmp_path / "synth.safetensors"
-    save_file({"features": feats, "labels": labels}, str(path))
-    return str(path)
+def synth(tmp_path, reference_features):
+    return reference_features(tmp_path / "synth.safetensors")
 
 
 def _cfg(synth, out, **kw):
