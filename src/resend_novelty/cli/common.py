@@ -79,6 +79,15 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
         "test images (PACS Photo target: AUROC 0.41, see BENCHMARKS.md)",
     )
     p.add_argument(
+        "--shift-threshold", type=float, default=None, metavar="T",
+        help="--method resend, cosine*, euclidean: shift gate of the per-domain normalisation "
+        "(not in the paper). When the support-test gap (1 - cosine of their mean unit features) "
+        "is at most T, support and test are normalised with one set of statistics of both "
+        "together; above it, each with its own (the paper's setting of a shifted domain). "
+        "0 = always each its own; default: the checkpoint's own (resend), 0 (others). "
+        "Transductive only: no effect with --per-image",
+    )
+    p.add_argument(
         "--per-image", action="store_true",
         help="score each test image alone: no statistic of any other test image is used (the "
         "per-domain normalisation of the test features uses the support statistics; the "
@@ -148,6 +157,8 @@ def detector_factory(args):
         common["refine"] = args.refine  # detectors without refinement raise a clear error
     if getattr(args, "per_image", False):
         common["per_image"] = True  # with --refine: a clear error from the detector
+    if getattr(args, "shift_threshold", None) is not None:
+        common["shift_threshold"] = args.shift_threshold  # unsupported methods raise clearly
 
     def make():
         return build_detector(args.method, model=model, **common)

@@ -16,8 +16,8 @@ from .finetuned import FT_DETECTORS, FineTunedDetector, resend_eval_seconds, tra
 from .gram import FineTunedGramDetector, GramDetector, GramStats, gram_statistics
 from .knn import KNNDetector
 from .mahalanobis import MahalanobisDetector, fit_mahalanobis, require_pytorch_ood
-from .prototype import (NoLOOCalibrationMixin, PrototypeDetector, class_means,
-                        leave_one_out_similarities)
+from .loo import class_means, leave_one_out_similarities
+from .prototype import NoLOOCalibrationMixin, PrototypeDetector
 from .registry import BASELINES, DETECTORS, FT_METHODS, build_detector
 from .persistence import (SAVABLE_METHODS, DetectorFileError, load_detector,  # noqa: E402
                           read_detector_metadata, save_detector)

@@ -22,6 +22,7 @@ class CosineDetector(PrototypeDetector):
     name = "cosine"
     description = "max cosine similarity to the class prototypes"
     supports_refinement = True
+    supports_shift_gate = True
 
     def similarities_features(self, features, prototypes: torch.Tensor | None = None
                               ) -> torch.Tensor:

@@ -14,6 +14,7 @@ class EuclideanDetector(PrototypeDetector):
 
     name = "euclidean"
     description = "minus the Euclidean distance to the nearest class prototype"
+    supports_shift_gate = True
 
     def similarities_features(self, features, prototypes: torch.Tensor | None = None
                               ) -> torch.Tensor:

@@ -72,6 +72,8 @@ def _options(det: PrototypeDetector) -> dict:
     opts = {"center": det.domain_norm, "min_center_batch": det.min_center_batch,
             "refine": det.refine, "refine_fraction": det.refine_fraction,
             "refine_keep": det.refine_keep}
+    if det.shift_threshold:
+        opts["shift_threshold"] = det.shift_threshold
     if det.name == "resend":
         opts.update(normality=det.normality, neighbors=det.neighbors or 0,
                     chunk_pairs=det.chunk_pairs)

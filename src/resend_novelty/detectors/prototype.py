@@ -21,69 +21,21 @@ class would have no prototype): they are skipped with a warning naming the class
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..features import check_features
 from ..transforms import (REFINE_FRACTION, REFINE_KEEP, DomainNormalizer, PrototypeRefiner,
-                          as_mode)
+                          as_mode, normalize)
 from .base import Detector
+from .loo import class_means, leave_one_out_similarities
 
-__all__ = ["PrototypeDetector", "NoLOOCalibrationMixin", "class_means", "leave_one_out_similarities"]
-
-
-def class_means(features: torch.Tensor, index: torch.Tensor, n_classes: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(means (K, D), counts (K,))`` of the rows of ``features`` per class ``index`` (0..K-1)."""
-    protos = torch.zeros(n_classes, features.shape[1])
-    protos.index_add_(0, index, features)
-    counts = torch.bincount(index, minlength=n_classes).clamp_min(1)
-    return protos / counts[:, None], counts
-
-
-def leave_one_out_similarities(similarities: Callable[..., torch.Tensor],
-                               prototypes: torch.Tensor, features: torch.Tensor,
-                               index: np.ndarray, block: int = 16, progress: bool = False
-                               ) -> tuple[torch.Tensor, np.ndarray]:
-    """Leave-one-out similarities ``u`` ``(N, K)`` of the support ``features`` (row i of class
-    ``index[i]``) w.r.t. their class means ``prototypes``.
-
-    For image i of class c (n_c images) the prototype of c becomes
-    ``(n_c * p_c - f_i) / (n_c - 1)``; the other prototypes are unchanged.
-    ``similarities(features, prototypes=P)`` is the detector's u against any prototypes ``P``;
-    the similarity of each image to its own LOO prototype is the diagonal of u of a block of
-    ``block`` images against their ``block`` LOO prototypes (``block`` x more pairs than
-    needed, ``N / block`` calls). Returns ``(u, used)``: ``used`` marks the images in classes
-    with >= 2 images (the rows of ``u`` that are leave-one-out similarities); the other rows
-    are similarities to the full prototypes.
-    """
-    n_classes = prototypes.shape[0]
-    u = similarities(features).clone()  # (N, K), full prototypes
-    used = np.zeros(len(index), dtype=bool)
-    counts = np.bincount(index, minlength=n_classes)
-    bar = tqdm(total=int(counts[counts >= 2].sum()), desc="leave-one-out calibration",
-               unit="img", disable=not progress)
-    protos64 = prototypes.double()
-    feats64 = features.double()
-    for k in range(n_classes):
-        members = np.flatnonzero(index == k)
-        n = len(members)
-        if n < 2:
-            continue
-        used[members] = True
-        for start in range(0, n, block):
-            rows = torch.as_tensor(members[start : start + block])
-            loo = ((n * protos64[k] - feats64[rows]) / (n - 1)).float()
-            s = similarities(features[rows], prototypes=loo)  # (B, B)
-            u[rows, k] = torch.diagonal(s)
-            bar.update(len(rows))
-    bar.close()
-    return u, used
+__all__ = ["PrototypeDetector", "NoLOOCalibrationMixin"]
 
 
 class PrototypeDetector(Detector):
@@ -99,6 +51,13 @@ class PrototypeDetector(Detector):
     ``support_std_``, whatever the batch size), refinement and :meth:`set_test_mean` are
     refused; scoring N images together gives the scores of scoring them one by one. Default
     False: transductive (test statistics from the images scored together).
+    ``shift_threshold`` (not in the paper; default 0 = off; detectors that set
+    :attr:`supports_shift_gate`): the shift gate of the domain normalisation. A transductive
+    batch whose support-test gap (:func:`~resend_novelty.transforms.shift_gap`) is at most the
+    threshold is normalised, with the support, by the statistics of support and test together:
+    the prototypes and support references are normalised again with them for that batch (a
+    copy of the detector, :meth:`_pooled_view`); above it, per-domain statistics as without the
+    gate. Needs one support domain (no ``domains=`` at fit); no effect with ``per_image``.
     ``engine``: inference engine of the backbone on image inputs ("auto": ONNX Runtime on CPU,
     torch on CUDA; "onnx"; "torch"), see :mod:`resend_novelty.features.engine`.
 
@@ -112,6 +71,9 @@ class PrototypeDetector(Detector):
     # detectors whose similarities depend only on the direction of a prototype (cosine-like):
     # the refined prototypes are unit vectors
     supports_refinement = False
+    # detectors whose fitted state is rebuilt from support_features_ / prototypes_ by
+    # _restore_fitted, so that a pooled copy can be derived (shift_threshold > 0)
+    supports_shift_gate = False
 
     def __init__(
         self,
@@ -128,13 +90,19 @@ class PrototypeDetector(Detector):
         refine_keep: float = REFINE_KEEP,
         per_image: bool = False,
         engine: str = "auto",
+        shift_threshold: float = 0.0,
     ):
         self.engine = engine  # inference engine of image inputs: "auto", "onnx" or "torch"
         self.normalizer = DomainNormalizer(as_mode(center), int(min_center_batch),
-                                           per_image=per_image)
+                                           per_image=per_image, shift_threshold=shift_threshold)
+        if self.normalizer.shift_threshold > 0 and not self.supports_shift_gate:
+            raise ValueError(f"the {self.name} detector does not support the shift gate "
+                             "(shift_threshold > 0): its fitted state is not rebuilt from the "
+                             "support features")
         self.refiner = self._make_refiner(refine, refine_fraction, refine_keep)
         super().__init__(backbone, device, cache, batch_size, num_workers, progress)
         self.test_prototypes_ = None
+        self._fixed_view = None  # pooled references of statistics fixed by set_test_mean
 
     def _make_refiner(self, refine, fraction, keep) -> PrototypeRefiner:
         refiner = PrototypeRefiner(refine, fraction, keep)
@@ -189,6 +157,10 @@ class PrototypeDetector(Detector):
         return self.normalizer.test_std_
 
     @property
+    def shift_threshold(self) -> float:
+        return self.normalizer.shift_threshold
+
+    @property
     def refine(self) -> int:
         return self.refiner.steps
 
@@ -212,6 +184,7 @@ class PrototypeDetector(Detector):
         """
         features, labels = self._validate_support(features, labels, domains)
         self.test_prototypes_ = None  # refined from the old prototypes: stale
+        self._fixed_view = None
         features = self.normalizer.fit_transform(features, domains)
         self.support_features_ = features  # what subclasses build their own statistics from
         idx = torch.as_tensor(np.searchsorted(self.classes_, labels))
@@ -241,6 +214,10 @@ class PrototypeDetector(Detector):
         for name in ("support_mean_", "support_std_", "test_mean_", "test_std_", "loo_scores_"):
             if getattr(self, name, None) is not None:
                 state[name] = getattr(self, name)
+        if self.normalizer.support_direction_ is not None:
+            state["support_direction_"] = self.normalizer.support_direction_
+        if self.normalizer.test_pooled_:
+            state["test_pooled_"] = torch.tensor(True)
         return {k: torch.as_tensor(np.asarray(v) if isinstance(v, np.ndarray) else v).cpu()
                 .contiguous() for k, v in state.items()}
 
@@ -250,23 +227,27 @@ class PrototypeDetector(Detector):
         if missing:
             raise ValueError(f"fitted state of {type(self).__name__} lacks {missing}")
         numpy_attrs = {"classes_", "class_counts_", "support_index_", "loo_scores_"}
+        self.normalizer.support_direction_ = None
+        self.normalizer.test_pooled_ = False
         for name, value in state.items():
-            if name in ("support_mean_", "support_std_", "test_mean_", "test_std_"):
+            if name in ("support_mean_", "support_std_", "test_mean_", "test_std_",
+                        "support_direction_"):
                 setattr(self.normalizer, name, value.float())
+            elif name == "test_pooled_":
+                self.normalizer.test_pooled_ = bool(value)
             else:
                 setattr(self, name, value.numpy() if name in numpy_attrs else value)
         if self.center and "support_std_" not in state:
             self.normalizer.support_std_ = None
         self.test_prototypes_ = None
+        self._fixed_view = None
         self._restore_fitted()
         return self
 
     def _restore_fitted(self) -> None:
         """Rebuild derived (unsaved) state after :meth:`load_fitted_state`."""
 
-    def prepare_features(self, features) -> torch.Tensor:
-        """Test features as the similarities see them: checked against the fitted prototypes,
-        then normalised per domain (``center=``) with the test statistics."""
+    def _checked_test(self, features) -> torch.Tensor:
         if not hasattr(self, "prototypes_"):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() first")
         features = check_features(torch.as_tensor(features, dtype=torch.float32), "test features")
@@ -275,7 +256,42 @@ class PrototypeDetector(Detector):
                 f"test features of shape {tuple(features.shape)} do not match the prototypes' "
                 f"dimension {self.prototypes_.shape[1]}"
             )
-        return self.normalizer.transform(features, stacklevel=3)
+        return features
+
+    def _prepare(self, features, stacklevel: int = 3) -> tuple[torch.Tensor, "PrototypeDetector"]:
+        """``(normalised test features, the detector whose references they are scored
+        against)``: this detector, or - when the shift gate pools the batch - a copy whose
+        support references are normalised with the same pooled statistics."""
+        features = self._checked_test(features)
+        if not self.normalizer.pooled(features):
+            return self.normalizer.transform(features, stacklevel=stacklevel), self
+        support = self.normalizer.support_features(self.support_features_)
+        mean, std = self.normalizer.pooled_statistics(features, support)
+        fixed = self.normalizer.test_mean_ is not None
+        view = self._fixed_view if fixed and self._fixed_view is not None else \
+            self._pooled_view(normalize(support, mean, std))
+        if fixed:
+            self._fixed_view = view
+        return normalize(features, mean, std), view
+
+    def _pooled_view(self, support: torch.Tensor) -> "PrototypeDetector":
+        """A copy of this detector fitted on ``support`` (the support features normalised with
+        pooled statistics): same classes, rows and options; its own references."""
+        view = copy.copy(self)
+        view.support_features_ = support
+        idx = torch.as_tensor(self.support_index_)
+        view.prototypes_, _ = class_means(support, idx, len(self.classes_))
+        view.test_prototypes_ = None
+        view._fixed_view = None
+        view._restore_fitted()
+        return view
+
+    def prepare_features(self, features) -> torch.Tensor:
+        """Test features as the similarities see them: checked against the fitted prototypes,
+        then normalised per domain (``center=``) with the test statistics. When the shift gate
+        pools a batch, these are normalised with the pooled statistics and must be scored
+        against the pooled references: use :meth:`test_similarities_features`."""
+        return self._prepare(features, stacklevel=4)[0]
 
     # ----------------------------------------------------------------- test-time statistics
     def set_test_mean(self, features) -> "PrototypeDetector":
@@ -287,13 +303,18 @@ class PrototypeDetector(Detector):
         fixed here too (after :meth:`fit`), so that a stream is scored image by image against
         the same prototypes."""
         self.test_prototypes_ = None
+        self._fixed_view = None
         if features is None:
             self.normalizer.set_statistics(None)
             return self
         f = check_features(torch.as_tensor(features, dtype=torch.float32), "test features")
-        self.normalizer.set_statistics(f)
+        support = None
+        if self.normalizer.shift_threshold > 0 and self.normalizer.support_direction_ is not None:
+            support = self.normalizer.support_features(self.support_features_)
+        self.normalizer.set_statistics(f, support)
         if self.refine and f.ndim == 2 and hasattr(self, "prototypes_"):
-            self.test_prototypes_ = self.refine_prototypes(self.prepare_features(f))
+            x, view = self._prepare(f)
+            self.test_prototypes_ = view.refine_prototypes(x)
         return self
 
     set_test_statistics = set_test_mean
@@ -313,16 +334,20 @@ class PrototypeDetector(Detector):
         return self.refiner.refine(self.prototypes_, features,
                                    lambda x, p: self.similarities_features(x, prototypes=p))
 
-    def _test_similarities(self, features) -> torch.Tensor:
-        """u of test features: normalised (``center=``), against the refined prototypes when
+    def test_similarities_features(self, features) -> torch.Tensor:
+        """u ``(N, K)`` of test features scored together: normalised (``center=``, with the
+        shift gate's pooled references where it applies), against the refined prototypes when
         ``refine > 0`` (those fixed by :meth:`set_test_mean`, else refined on this batch)."""
-        x = self.prepare_features(features)
+        return self._test_similarities(features)
+
+    def _test_similarities(self, features) -> torch.Tensor:
+        x, view = self._prepare(features)
         protos = None
         if self.refine:
             protos = self.test_prototypes_
             if protos is None:
                 if x.shape[0] >= max(2, self.min_center_batch):
-                    protos = self.refine_prototypes(x)
+                    protos = view.refine_prototypes(x)
                 else:
                     warnings.warn(
                         f"scoring a batch of {x.shape[0]} test features (< {self.min_center_batch})"
@@ -331,8 +356,8 @@ class PrototypeDetector(Detector):
                         stacklevel=3,
                     )
         if protos is None:
-            return self.similarities_features(x)
-        return self.similarities_features(x, prototypes=protos)
+            return view.similarities_features(x)
+        return view.similarities_features(x, prototypes=protos)
 
     # ----------------------------------------------------------------- scoring
     def similarities_features(self, features, prototypes: torch.Tensor | None = None
@@ -372,7 +397,8 @@ class PrototypeDetector(Detector):
 
     def _loo_index(self, features, labels) -> tuple[torch.Tensor, np.ndarray]:
         """Prepared support features and the class index of each row, checked."""
-        features = self.prepare_features(features)
+        # the support as fitted: its own statistics (never the shift gate's pooled ones)
+        features = self.normalizer.transform(self._checked_test(features), stacklevel=3)
         labels = np.asarray(labels)
         if labels.shape != (features.shape[0],):
             raise ValueError(f"{features.shape[0]} support features but {labels.size} labels")

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from ..models import NORMALITIES, RelationalModule, load_checkpoint
 from .neighbors import SupportIndex, masked_mean
-from .prototype import PrototypeDetector, leave_one_out_similarities
+from .loo import leave_one_out_similarities
+from .prototype import PrototypeDetector
 
 __all__ = ["ReSeNDDetector"]
 
@@ -77,13 +78,17 @@ class ReSeNDDetector(PrototypeDetector):
     description = "relational similarities to the class prototypes (the paper's method)"
     needs_two_classes = True
     supports_refinement = True
+    supports_shift_gate = True
 
     def __init__(self, model: RelationalModule | str | os.PathLike | None = None,
                  chunk_pairs: int | None = None, normality: str | None = None,
                  neighbors: int | None = None, neighbor_weight: float | None = None,
-                 refine: int = 0, candidates: int | None = None, **kwargs):
+                 refine: int = 0, candidates: int | None = None,
+                 shift_threshold: float | None = None, **kwargs):
         self.model = model if isinstance(model, RelationalModule) else load_checkpoint(model)
         kwargs.setdefault("backbone", self.model.config.backbone)
+        kwargs["shift_threshold"] = (getattr(self.model.scoring, "shift_threshold", 0.0)
+                                     if shift_threshold is None else shift_threshold)
         super().__init__(**kwargs)
         bb = kwargs["backbone"]
         bb_name = bb if isinstance(bb, str) or bb is None else bb.name

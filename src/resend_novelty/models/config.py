@@ -110,6 +110,9 @@ class ScoringConfig:
     candidates: int = 3  # classes scored by the relational module per test image: the M
     # nearest by cosine (the others get -inf); 0 = every class (not in the paper). 3: the rule
     # of benchmarks/_speed_scale.py (BENCHMARKS.md, speed part f)
+    shift_threshold: float = 0.0  # shift gate of the domain normalisation (not in the paper):
+    # a test batch whose support-test gap (transforms.shift_gap) is at most this is normalised
+    # with the support by pooled statistics; 0 = per-domain statistics always
 
     def __post_init__(self):
         if self.normality not in NORMALITIES:
@@ -118,6 +121,9 @@ class ScoringConfig:
             raise ValueError(f"neighbors must be >= 0 (0 = class prototypes), got {self.neighbors}")
         if not 0.0 <= float(self.neighbor_weight) <= 1.0:
             raise ValueError(f"neighbor_weight must be in [0, 1], got {self.neighbor_weight}")
+        t = self.shift_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 2.0:
+            raise ValueError(f"shift_threshold must be a number in [0, 2] (0 = off), got {t!r}")
         if isinstance(self.candidates, bool) or int(self.candidates) != self.candidates \
                 or int(self.candidates) < 0:
             raise ValueError(f"candidates must be an integer >= 0 (0 = every class), got "

@@ -124,7 +124,7 @@ def watch(detector, source: str | os.PathLike | TextIO, csv_path: str | os.PathL
                     continue
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # one image: statistics fixed above
-                    u = detector.similarities_features(detector.prepare_features(feats))
+                    u = detector.test_similarities_features(feats)
                     s = float(detector.normality_from_similarities(u)[0])
                 k = int(u[0].argmax())
                 unknown = s < detector.threshold_

@@ -12,7 +12,12 @@ Pretraining applies it per reference domain (original images, each stylised view
 apply it to the support set (per source domain where the domains are known) and to the test
 features scored together (*transductive*), or - with ``per_image=True`` - to each test feature
 with the statistics of the support set, so that no statistic of any other test image is used
-(each image is scored as if alone). ``std_d`` is floored at ``STD_FLOOR`` times the median std of the
+(each image is scored as if alone). With a *shift gate* (``shift_threshold > 0``, not in the
+paper) the test features get their own statistics only when they differ from the support: when
+the support and the test batch are close (:func:`shift_gap` at most the threshold), both are
+normalised with one set of statistics of support and test together (*pooled*), so that
+classes present in the test batch but not in the support do not shift the test features
+against the support. ``std_d`` is floored at ``STD_FLOOR`` times the median std of the
 domain, so that a dimension that is (almost) constant in one domain is not blown up.
 
 The functions work on one set of features; :class:`DomainNormalizer` is the fit/transform object
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 
 __all__ = ["MODES", "STD_FLOOR", "as_mode", "domain_statistics", "normalize",
-           "normalize_by_domain", "DomainNormalizer"]
+           "normalize_by_domain", "mean_direction", "shift_gap", "DomainNormalizer"]
 
 MODES = ("none", "center", "standardize")
 STD_FLOOR = 0.1
@@ -71,6 +76,19 @@ def normalize(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | No
     """``features - mean``, divided by ``std`` unless it is None."""
     out = features - mean
     return out / std if std is not None else out
+
+
+def mean_direction(features: torch.Tensor) -> torch.Tensor:
+    """The mean of the unit-length rows of ``features`` (N, D): where a set of images points."""
+    return torch.nn.functional.normalize(features.float(), dim=1).mean(dim=0)
+
+
+def shift_gap(support_direction: torch.Tensor, features: torch.Tensor) -> float:
+    """``1 - cos(support direction, mean direction of features)``: 0 when the test features
+    point where the support does; a style shift (photos -> sketches) makes it large. Class
+    composition alone (test classes that the support lacks) moves it too, less."""
+    t = mean_direction(features)
+    return float(1.0 - torch.nn.functional.cosine_similarity(support_direction, t, dim=0))
 
 
 Statistics = Callable[[torch.Tensor, str], "tuple[torch.Tensor, torch.Tensor | None]"]
@@ -123,20 +141,35 @@ class DomainNormalizer:
     the batch (no statistic of any other test image is used; the result of a batch equals that of
     its images one by one); :meth:`set_statistics` is then refused.
 
+    ``shift_threshold`` (default 0 = off): the shift gate. A transductive batch (or the features
+    given to :meth:`set_statistics`) whose :func:`shift_gap` to the support is at most the
+    threshold is *pooled*: :meth:`pooled` says so, and :meth:`pooled_statistics` gives the
+    statistics of support and test together, which the caller applies to both (the support
+    references must be normalised again with them). The gate needs one support domain
+    (``domains`` not given at fit) and a batch of at least ``min_batch`` features; otherwise the
+    batch is normalised as without it.
+
     ``statistics``: the ``(features, mode) -> (mean, std)`` estimator (default
     :func:`domain_statistics`).
     """
 
     def __init__(self, mode: str = "none", min_batch: int = 16,
-                 statistics: Statistics | None = None, per_image: bool = False):
+                 statistics: Statistics | None = None, per_image: bool = False,
+                 shift_threshold: float = 0.0):
         _check_mode(mode)
         if not isinstance(per_image, (bool, np.bool_)):
             raise ValueError(f"per_image must be True or False, got {per_image!r}")
+        t = shift_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 2.0:
+            raise ValueError(f"shift_threshold must be a number in [0, 2] (0 = off), got {t!r}")
         self.mode = mode
         self.min_batch = int(min_batch)
         self.statistics = statistics or domain_statistics
         self.per_image = bool(per_image)
+        self.shift_threshold = float(shift_threshold)
         self.test_mean_ = self.test_std_ = None
+        self.test_pooled_ = False  # the fixed test statistics are pooled ones
+        self.support_direction_ = None  # mean_direction of the support (one support domain)
 
     @property
     def active(self) -> bool:
@@ -149,25 +182,58 @@ class DomainNormalizer:
         if not self.active:
             return features
         self.support_mean_, self.support_std_ = self.statistics(features, self.mode)
+        self.support_direction_ = mean_direction(features) if domains is None else None
         if domains is None:
             return normalize(features, self.support_mean_, self.support_std_)
         return normalize_by_domain(features, domains, self.mode, statistics=self.statistics)
 
-    def set_statistics(self, features: torch.Tensor | None) -> "DomainNormalizer":
+    def support_features(self, normalized: torch.Tensor) -> torch.Tensor:
+        """The support features as they were before :meth:`fit_transform` (one support domain),
+        from their normalised values."""
+        out = normalized * self.support_std_ if self.support_std_ is not None else normalized
+        return out + self.support_mean_
+
+    def pooled(self, features: torch.Tensor) -> bool:
+        """Whether the transductive batch ``features`` is normalised with pooled statistics
+        (the shift gate is closed for it; see the class docstring)."""
+        if self.test_mean_ is not None:
+            return self.test_pooled_
+        return (self.active and not self.per_image and self.shift_threshold > 0
+                and self.support_direction_ is not None
+                and features.shape[0] >= max(2, self.min_batch)
+                and shift_gap(self.support_direction_, features) <= self.shift_threshold)
+
+    def pooled_statistics(self, features: torch.Tensor, support: torch.Tensor):
+        """``(mean, std)`` of the test ``features`` and the (unnormalised) ``support`` together;
+        the fixed ones when :meth:`set_statistics` pooled them."""
+        if self.test_mean_ is not None and self.test_pooled_:
+            return self.test_mean_, self.test_std_
+        return self.statistics(torch.cat([support, features]), self.mode)
+
+    def set_statistics(self, features: torch.Tensor | None,
+                       support: torch.Tensor | None = None) -> "DomainNormalizer":
         """Fix the test statistics (see the class docstring); with mode "none" the mean of
-        ``features`` is kept (it is not applied)."""
+        ``features`` is kept (it is not applied). ``support``: the unnormalised support
+        features, needed to pool the statistics when the shift gate is closed for ``features``
+        (without it the statistics are those of ``features`` alone)."""
+        self.test_pooled_ = False
         if features is None:
             self.test_mean_ = self.test_std_ = None
             return self
         if self.per_image:
             raise ValueError("per-image scoring uses the support statistics for every test image: "
                              "fixing test statistics (set_test_mean) would use other test images")
-        if features.ndim == 2:
-            self.test_mean_, self.test_std_ = self.statistics(
-                features, self.mode if self.active else "center")
-        elif self.mode == "standardize":
+        if features.ndim != 2 and self.mode == "standardize":
             raise ValueError("standardising needs test features (N, D) to estimate their std, "
                              f"not a mean of shape {tuple(features.shape)}")
+        self.test_mean_ = self.test_std_ = None  # pooled() must not read the previous ones
+        if features.ndim == 2 and support is not None and self.pooled(features):
+            self.test_mean_, self.test_std_ = self.statistics(torch.cat([support, features]),
+                                                              self.mode)
+            self.test_pooled_ = True
+        elif features.ndim == 2:
+            self.test_mean_, self.test_std_ = self.statistics(
+                features, self.mode if self.active else "center")
         else:
             self.test_mean_, self.test_std_ = features, None
         return self
