@@ -38,12 +38,16 @@ from resend_novelty.models import load_checkpoint
 
 FT = "efficientnet_lite0_ft+efficientnet_lite1_ft"
 IN = "efficientnet_lite0"
-# (column, method, feature set, modes): "-" = one mode only (no test statistics)
+# (column, method, feature set, modes, detector options): "-" = one mode only (no test
+# statistics). "std. cosine" is the classic per-domain baseline (no shift gate); "std. cosine,
+# gated" has the default's shift gate: the normalisation alone, without the relational module
+GATE = 0.2  # the shipped checkpoint's scoring.shift_threshold (asserted in main)
 METHODS = (
-    ("cosine ImageNet Lite0", "cosine", IN, ("-",)),
-    ("cosine", "cosine", FT, ("-",)),
-    ("std. cosine", "cosine-standardized", FT, ("T", "P")),
-    ("ReSeND (default)", "resend", FT, ("T", "P")),
+    ("cosine ImageNet Lite0", "cosine", IN, ("-",), {}),
+    ("cosine", "cosine", FT, ("-",), {}),
+    ("std. cosine", "cosine-standardized", FT, ("T", "P"), {}),
+    ("std. cosine, gated", "cosine-standardized", FT, ("T",), {"shift_threshold": GATE}),
+    ("ReSeND (default)", "resend", FT, ("T", "P"), {}),
 )
 
 RULE = """\
@@ -66,12 +70,14 @@ def cells(quick: bool):
     intra = [("flowers12", "flowers12", dict(n_known=6, n_unknown=6, test_per_class=10)),
              ("tiny-photo", "Tiny-ImageNet held-out, photo", dict(n_known=5, n_unknown=5,
                                                                   test_per_class=10))]
+    many = ("tiny-photo", "Tiny-ImageNet held-out, photo, 15 known / 15 unknown",
+            dict(n_known=15, n_unknown=15, test_per_class=10))
     intra += [("pacs", f"PACS {d} alone", dict(n_known=3, n_unknown=4, test_per_class=20,
                                                support_domain=d, test_domain=d))
               for d in (PACS_DOMAINS[:1] if quick else PACS_DOMAINS)]
     out = []
     for sup in supports:
-        for pool, label, kw in intra:
+        for pool, label, kw in intra + ([many] if sup == 10 else []):
             out.append(dict(kind="intra", pool=pool, label=label, support=sup, share=None, **kw))
         if sup == supports[0]:
             out += cross_cells(None)
@@ -116,15 +122,15 @@ def episodes_of(cell: dict, pools, lists, n: int, seed: int):
                                                seed=seed, share=cell["share"], **kw))]
 
 
-def run_cell(cell, pools, lists, n, seed, model):
+def run_cell(cell, pools, lists, n, seed, model, methods=METHODS):
     """{column|mode: [AUROC per episode (mean over the cell's targets)]}."""
     targets = episodes_of(cell, pools, lists, n, seed)
     out = {}
-    for col, method, fs, modes in METHODS:
+    for col, method, fs, modes, opts in methods:
         if fs not in targets[0][0].features:
             continue
         for mode in modes:
-            kw = dict(backbone=None, progress=False, device="cpu")
+            kw = dict(backbone=None, progress=False, device="cpu", **opts)
             if mode == "P":
                 kw["per_image"] = True
             make = (lambda kw=kw, method=method:
@@ -153,8 +159,8 @@ def _verdict(res, mode):
 def table(done: dict, todo: list, n_intra: int, n_cross: int, seed: int, runs: list,
           threads: int) -> str:
     head = ["cell", "kind", "support / class", "unknown share", "episodes"]
-    cols = [f"{c} ({m})" if m != "-" else c for c, _, _, ms in METHODS for m in ms]
-    keys = [f"{c}|{m}" for c, _, _, ms in METHODS for m in ms]
+    cols = [f"{c} ({m})" if m != "-" else c for c, _, _, ms, _ in METHODS for m in ms]
+    keys = [f"{c}|{m}" for c, _, _, ms, _ in METHODS for m in ms]
     rows = ["| " + " | ".join(head + cols + ["default vs cosine (T / P)"]) + " |",
             "|" + "---|" * (len(head) + len(cols) + 1)]
     cross_diff = {"T": [], "P": []}
@@ -205,7 +211,7 @@ def table(done: dict, todo: list, n_intra: int, n_cross: int, seed: int, runs: l
         "Cells. *Intra-domain*: flowers12 (6 known / 6 unknown species, supports from train/, "
         "10 test images per species from test/ per episode); Tiny-ImageNet held-out (the 30 "
         "classes held out of pretraining, 15 photos per class for supports and 15 for tests; 5 "
-        "known / 5 unknown, 10 test images per class; the fine-tuned backbones and the relational "
+        "known / 5 unknown, 10 test images per class; with 10 support images also 15 known / 15 unknown, the shape of a larger intra-domain object set; the fine-tuned backbones and the relational "
         "module were trained on the other 170 classes of the same image source, so this cell "
         "favours them over ImageNet Lite0); each PACS domain alone (3 known / 4 "
         "unknown, each class's images split in halves per episode, 20 test images per class). "
@@ -233,7 +239,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", required=True)
-    p.add_argument("--episodes", type=int, default=5, help="episodes per intra-domain cell")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per intra-domain cell")
     p.add_argument("--cross-episodes", type=int, default=3,
                    help="episodes per cross-domain cell (each scores every target)")
     p.add_argument("--seed", type=int, default=0)
@@ -249,6 +255,9 @@ def main(argv=None) -> int:
         args.episodes = args.cross_episodes = 2
     torch.set_num_threads(args.threads)
     model = load_checkpoint(None)
+    if model.scoring.shift_threshold not in (0.0, GATE):
+        raise SystemExit(f"the shipped shift_threshold {model.scoring.shift_threshold} is not the "
+                         f"gated baseline's {GATE}: update GATE")
     sha = hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())
                          ).hexdigest()[:16]
     pools = load_pools(args.data_root, {FT: build_backbone(FT)}, {IN: build_backbone(IN)})

@@ -72,8 +72,7 @@ def _options(det: PrototypeDetector) -> dict:
     opts = {"center": det.domain_norm, "min_center_batch": det.min_center_batch,
             "refine": det.refine, "refine_fraction": det.refine_fraction,
             "refine_keep": det.refine_keep}
-    if det.shift_threshold:
-        opts["shift_threshold"] = det.shift_threshold
+    opts["shift_threshold"] = det.shift_threshold  # explicit: 0 must not become a checkpoint's
     if det.name == "resend":
         opts.update(normality=det.normality, neighbors=det.neighbors or 0,
                     chunk_pairs=det.chunk_pairs)
@@ -196,8 +195,9 @@ def load_detector(path: str | os.PathLike, *, model=None, backbone=None, device=
         raise DetectorFileError(
             f"{path} was fitted with other {want['name']} backbone weights (sha256 "
             f"{want['sha256'][:12]}..., this installation's {state_sha256(bb)[:12]}...)")
-    kwargs = dict(meta["options"], backbone=bb, device=device, cache=cache,
-                  batch_size=batch_size, num_workers=num_workers, progress=progress)
+    # files written before the shift gate existed were scored without it
+    kwargs = dict({"shift_threshold": 0.0}, **meta["options"], backbone=bb, device=device,
+                  cache=cache, batch_size=batch_size, num_workers=num_workers, progress=progress)
     if method == "resend":
         kwargs["model"] = _load_model(path, meta["checkpoint"], model)
     det = DETECTORS[method](**kwargs)

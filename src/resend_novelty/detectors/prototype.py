@@ -397,8 +397,10 @@ class PrototypeDetector(Detector):
 
     def _loo_index(self, features, labels) -> tuple[torch.Tensor, np.ndarray]:
         """Prepared support features and the class index of each row, checked."""
-        # the support as fitted: its own statistics (never the shift gate's pooled ones)
-        features = self.normalizer.transform(self._checked_test(features), stacklevel=3)
+        # the support as fitted: its own statistics (never fixed test or pooled statistics)
+        features = self._checked_test(features)
+        if self.normalizer.active:
+            features = normalize(features, self.support_mean_, self.support_std_)
         labels = np.asarray(labels)
         if labels.shape != (features.shape[0],):
             raise ValueError(f"{features.shape[0]} support features but {labels.size} labels")

@@ -1,0 +1,157 @@
+"""Choose the default scoring on the generalisation suite, by a rule written before the run.
+
+    RESEND_CACHE=... python benchmarks/select_default.py --data-root ../shared/data
+
+Runs the suite's cells (:mod:`generalisation`) on fresh episodes (seed 1) for each candidate
+scoring of the shipped relational weights, transductive, next to plain cosine on the same
+features, and writes the section ``selection`` of BENCHMARKS.md: the rule, every cell, each
+candidate's verdict and the choice. Finished cells are kept in ``--results`` (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _report import machine, update_section
+from generalisation import FT, IN, cells, run_cell
+from tqdm.auto import tqdm
+
+from resend_novelty.backbones import build_backbone
+from resend_novelty.evaluation import get_setting, load_pools, official_lists
+from resend_novelty.models import load_checkpoint
+
+RULE = """\
+**Rule (written before this run; the exploratory run, seed 0 with 6-20 episodes per cell, was
+seen and is why these candidates exist).** Candidates, all with the shipped relational weights
+and transductive: **A** the scoring shipped before (per-domain statistics always,
+`shift_threshold=0`); **B** the shift gate: support and test normalised by one set of
+statistics of both together when their gap g = 1 - cos(mean unit support feature, mean unit
+test feature) is at most tau, per-domain statistics above it, with the checkpoint's own
+normalisation (standardise); tau = 0.20, the smallest multiple of 0.05 above the largest g of
+any intra-domain (no-shift) episode of the exploratory run (0.160, PACS photo, 5 support
+images); **C** as B with centring only (`center="center"`). Judged on fresh episodes (seed 1).
+Eligible: passes the suite's rule (every intra-domain cell at or above plain cosine minus the
+candidate's spread; average over the unbiased cross-domain cells above plain cosine). Among
+the eligible: the highest mean over intra-domain cells of (candidate - plain cosine);
+candidates within 0.005 of the best tie, and the one with the checkpoint's trained
+normalisation (A or B) wins. Only PACS may veto: `resend benchmark pacs-multi` or
+`pacs-single` (transductive) below 0.80 AUROC. Per-image scoring is not changed by B or C."""
+
+CANDIDATES = (
+    ("cosine", "cosine", FT, ("-",), {}),
+    ("A", "resend", FT, ("T",), {"shift_threshold": 0.0}),
+    ("B", "resend", FT, ("T",), {"shift_threshold": 0.2}),
+    ("C", "resend", FT, ("T",), {"shift_threshold": 0.2, "center": "center"}),
+)
+
+
+def run(cell, pools, lists, n, seed, model):
+    return run_cell(cell, pools, lists, n, seed, model, methods=CANDIDATES)
+
+
+def judge(results: list) -> dict:
+    """{candidate: {"losses": [...], "intra": mean diff, "cross": mean diff, "eligible": bool}}."""
+    out = {}
+    for name in ("A", "B", "C"):
+        losses, intra, cross = [], [], []
+        for cell, res in results:
+            c, d = np.mean(res["cosine|-"]), res[f"{name}|T"]
+            if cell["kind"] == "intra":
+                intra.append(np.mean(d) - c)
+                if np.mean(d) < c - np.std(d):
+                    losses.append(cell)
+            elif cell["kind"] == "cross":
+                cross.append(np.mean(d) - c)
+        out[name] = dict(losses=losses, intra=float(np.mean(intra)), cross=float(np.mean(cross)),
+                         eligible=not losses and np.mean(cross) > 0)
+    return out
+
+
+def choose(verdicts: dict) -> str | None:
+    ok = {k: v for k, v in verdicts.items() if v["eligible"]}
+    if not ok:
+        return None
+    best = max(v["intra"] for v in ok.values())
+    tied = [k for k, v in ok.items() if v["intra"] >= best - 0.005]
+    trained = [k for k in tied if k in ("A", "B")]
+    return (trained or tied)[0] if len(trained) <= 1 else max(trained, key=lambda k: ok[k]["intra"])
+
+
+def section(results, n_intra, n_cross, seed, seconds) -> str:
+    def fmt(v):
+        return f"{np.mean(v):.3f} ± {np.std(v):.3f}"
+    rows = ["| cell | kind | support / class | unknown share | cosine | A (T) | B (T) | C (T) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for cell, res in results:
+        share = "natural" if cell["share"] is None else f"{cell['share']:.0%}"
+        sup = "all" if cell["support"] in (None, "all") else str(cell["support"])
+        rows.append(f"| {cell['label']} | {cell['kind']} | {sup} | {share} | "
+                    + " | ".join(fmt(res[k]) for k in ("cosine|-", "A|T", "B|T", "C|T")) + " |")
+    v = judge(results)
+    lines = [f"- **{k}**: intra-domain cells lost {len(x['losses'])}"
+             + (" (" + "; ".join(f"{c['label']}, support {c['support'] or 'all'}"
+                                 for c in x["losses"]) + ")" if x["losses"] else "")
+             + f"; mean intra-domain difference to cosine {x['intra']:+.3f}; mean unbiased "
+             f"cross-domain difference {x['cross']:+.3f}; "
+             + ("eligible" if x["eligible"] else "not eligible") for k, x in v.items()]
+    pick = choose(v)
+    return "\n".join([
+        "## Selection of the default scoring (generalisation suite, fresh episodes)", "",
+        RULE, "",
+        "Command: `python benchmarks/select_default.py --data-root ../shared/data`. Mean AUROC "
+        f"± spread over the episodes ({n_intra} per intra-domain cell, {n_cross} per "
+        f"cross-domain cell, seed {seed}); same cells as the suite (section *Generalisation "
+        "suite*), features of the shipped EfficientNet-Lite0_ft + Lite1_ft ensemble.", "",
+        *rows, "", *lines, "",
+        f"**Choice by the rule: {pick or 'none'}**"
+        + (" (PACS veto checked with `resend benchmark`, section *PACS*)." if pick else "."), "",
+        f"Machine: {machine()}; scoring {seconds:.0f} s.",
+    ])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--episodes", type=int, default=10, help="episodes per intra-domain cell")
+    p.add_argument("--cross-episodes", type=int, default=3, help="episodes per cross-domain cell")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--results", default="runs/selection/cells.json",
+                   help="JSON of finished cells (resumed from; default %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_checkpoint(None)
+    pools = load_pools(args.data_root, {FT: build_backbone(FT)}, {IN: build_backbone(IN)})
+    lists = {s: official_lists(get_setting(s), args.data_root, pools["pacs"])
+             for s in ("pacs-single", "pacs-multi")}
+    path = Path(args.results)
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    results, t0 = [], time.perf_counter()
+    for cell in tqdm(cells(False), desc="selection cells", unit="cell"):
+        n = args.episodes if cell["kind"] == "intra" else args.cross_episodes
+        key = json.dumps({**cell, "episodes": n, "seed": args.seed}, sort_keys=True)
+        if key not in done:
+            done[key] = run(cell, pools, lists, n, args.seed, model)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done))
+            os.replace(tmp, path)  # atomic: an interruption keeps the finished cells
+        results.append((cell, done[key]))
+    md = section(results, args.episodes, args.cross_episodes, args.seed,
+                 time.perf_counter() - t0)
+    if not args.no_write:
+        update_section("selection", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
