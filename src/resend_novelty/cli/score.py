@@ -26,7 +26,9 @@ def add_parser(sub, name):
         name,
         help="flag new images whose class is absent from a folder of labelled reference images",
         description=(
-            "Fit one prototype per class of SUPPORT (support/<class>/<image>, no training), score "
+            "Fit the class references of SUPPORT (support/<class>/<image>; no training: a "
+            "prototype per class and, with the shipped checkpoint, the 10 nearest support images "
+            "of each class), score "
             "every image under TEST (searched recursively) and flag as 'unknown' those whose "
             "normality is below a threshold. Writes OUT/scores.csv (path, normality, nearest "
             "class, similarity to each class as sim_<class>, prediction), OUT/summary.json "
