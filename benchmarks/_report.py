@@ -3,8 +3,9 @@
 and describe the machine a number was measured on.
 
 Every benchmark script owns its sections, so scripts can be rerun in any order without
-clobbering each other's numbers. Scripts run as ``python benchmarks/NAME.py``, which puts this
-folder on ``sys.path``: ``from _report import ...`` needs nothing more.
+clobbering each other's numbers; ``$RESEND_BENCHMARKS_MD`` names another file to write them
+to. Scripts run as ``python benchmarks/NAME.py``, which puts this folder on ``sys.path``:
+``from _report import ...`` needs nothing more.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 
 from resend_novelty.report import update_section as write_section
 
-BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+# $RESEND_BENCHMARKS_MD writes the sections into another file (benchmarks/all.py --benchmarks-md)
+BENCHMARKS_MD = Path(os.environ.get("RESEND_BENCHMARKS_MD")
+                     or Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
 
 
 def machine() -> str:
@@ -35,6 +38,14 @@ def machine() -> str:
     except OSError:
         cpu_name = platform.processor()
     return f"{dev} ({cpu_name}); torch {torch.__version__}"
+
+
+def load_note() -> str:
+    """The 1-minute load average of this machine now, for a section's machine line (how busy
+    the cores were when the measurement began)."""
+    if not hasattr(os, "getloadavg"):
+        return "load average unknown"
+    return f"load average (1 min) {os.getloadavg()[0]:.1f} at the start"
 
 
 def update_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:

@@ -1,7 +1,7 @@
 """Part f of ``benchmarks/speed.py``: scoring cost at many classes with candidate classes
 (``ReSeNDDetector(candidates=M)``, issue 24), and the accuracy of the shortcut on PACS.
 
-Rule for the default M, fixed before any measurement: the default ``ScoringConfig.candidates``
+Rule for the default M, fixed on 2026-12-01 before any measurement: the default ``ScoringConfig.candidates``
 is the smallest M in (3, 5, 10, 20) whose AUROC differs from exact scoring (``candidates=0``)
 by at most 0.002 on EVERY target of pacs-multi and pacs-single (shipped model, its own scoring
 otherwise, features from the cache). PACS has 6 known classes, so M >= 6 is exact there by
@@ -40,7 +40,7 @@ SETTINGS = ("pacs-multi", "pacs-single")
 # the selection suite's cells with more known classes than the smallest M (benchmarks/
 # generalisation.py): the shortcut can only change a score where it drops a class. The issue
 # asks for <= RULE_TOLERANCE on PACS *and* the suite; the rule's M is the smallest of
-# RULE_CANDIDATES that passes both (this extension was fixed before any suite number of it)
+# RULE_CANDIDATES that passes both (this extension was fixed on 2026-12-01 before any suite number of it)
 SUITE_CELLS = (
     ("flowers12, 6 known / 6 unknown, support 10", "flowers12",
      dict(n_known=6, n_unknown=6, support=10, test_per_class=10)),
@@ -170,8 +170,8 @@ def format_f(res: dict, device: torch.device) -> str:
     s = res["scoring"]
     lines = [f"Shipped model (features {res['feature_dim']}-d, normality {s['normality']}, "
              f"neighbors {s['neighbors']}, neighbor_weight {s['neighbor_weight']}); default "
-             f"candidates M = {res['default_m']} (`ScoringConfig.candidates`). Rule fixed before "
-             f"measuring: the smallest M in {RULE_CANDIDATES} whose AUROC differs from exact "
+             f"candidates M = {res['default_m']} (`ScoringConfig.candidates`). Rule fixed on "
+             f"2026-12-01, before measuring: the smallest M in {RULE_CANDIDATES} whose AUROC differs from exact "
              f"scoring by <= {RULE_TOLERANCE} on every PACS target (multi and single source) "
              "and on the selection suite's cells with more than 3 known classes; "
              "PACS has 6 known classes, so M >= 6 is exact there by construction.", ""]

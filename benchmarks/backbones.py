@@ -121,13 +121,13 @@ def main(argv=None) -> int:
 
 
 READING = (
-    "Reading (session 4). Rules written down before the numbers they judge: (1) adopt the single "
+    "Reading (2026-11-27). Rules written down on 2026-11-27 before the numbers they judge: (1) adopt the single "
     "backbone with the highest proxy mean under the shipped rule if it beats Lite0 by more than "
     "0.002 and also on fresh episodes: Lite1 (0.740 vs 0.737; fresh 0.749 vs 0.741); Lite2 ranks "
     "below Lite0 (0.732). (2) Ensembles were measured on the proxy next, before any PACS number of "
     "them: all three beat every single backbone (Lite0+Lite1 0.750, Lite1+Lite2 0.751, all three "
     "0.755). Only Lite0+Lite1 was eligible for the shipped checkpoint, because the Tiny-ImageNet "
-    "features of Lite2 were not affordable in the session; its retrained relational run passed "
+    "features of Lite2 were not affordable then; its retrained relational run passed "
     "the checkpoint rule (section *Pretraining ablations*) and ships. On PACS, Lite1 standardised "
     "cosine gains +0.047 multi-source over Lite0 (Sketch 0.639 -> 0.753, Photo 0.729 -> 0.816) "
     "and +0.014 single-source; plain cosine loses with Lite1 (0.644 -> 0.597): the larger "

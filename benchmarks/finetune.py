@@ -1,13 +1,13 @@
 """End-to-end fine-tuned backbones: the GPU run, the selection proxy and PACS (issue 4).
 
 Reads the log of ``tools/finetune_backbones.py`` (default: ``benchmarks/finetune_log.json``, the
-log of the session-6 GPU run, kept in the repo as its record), then on this machine:
+log of the GPU run of 2026-11-27, kept in the repo as its record), then on this machine:
 
 1. **selection** (proxy only): the frozen ImageNet Lite0+Lite1 ensemble and the fine-tuned one
    (``efficientnet_lite0_ft+efficientnet_lite1_ft``, the weights shipped in the package), each
    scored with standardised cosine and with the relational checkpoint under its default scoring;
-   seed 0 / 50 episodes, then fresh episodes (seed 1, 200 episodes). Rule, written before any
-   number (``RULE`` below, quoted in the section): adopt the fine-tuned backbones if the
+   seed 0 / 50 episodes, then fresh episodes (seed 1, 200 episodes). Rule, written on 2026-11-27
+   before any number (``RULE`` below, quoted in the section): adopt the fine-tuned backbones if the
    relational model on them beats the frozen features by more than 0.002 on both;
 2. **test**: PACS multi- and single-source with the default ``resend benchmark`` protocol,
    computed after.
@@ -46,8 +46,8 @@ RULE = """\
 3. Adopt it if, with the shipped relational model and default scoring, its proxy mean beats the
    frozen Lite0+Lite1 features on the same device by more than 0.002 (seed 0, 50 episodes), and
    beats them again on fresh episodes (seed 1, 200 episodes).
-4. PACS is computed after; as in sessions 3 and 5 a PACS target more than 0.03 below its Lite0
-   cosine baseline (issue 4's floor) vetoes it. Nothing else about PACS changes the choice.
+4. PACS is computed after; as for the earlier vetoed candidates a PACS target more than 0.03
+   below its Lite0 cosine baseline (issue 4's floor) vetoes it. Nothing else about PACS changes the choice.
 Configs fixed with it: "distill" (lambda 1) then "plain" (lambda 0), 5 epochs each; no other
 values are tried."""
 
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         "",
         "EfficientNet-Lite0 and Lite1 fine-tuned end to end on the Tiny-ImageNet reference set "
         "(`tools/finetune_backbones.py`; the 30 classes held out for the proxy are never trained "
-        f"on; {a['per_class']} images per training class). Recipe, fixed before any number "
+        f"on; {a['per_class']} images per training class). Recipe, fixed on 2026-11-27 before any number "
         "(below): every training image rendered at random as a photo or one of the "
         "domain-shift styles of `resend_novelty.data.augment` (sketch, cartoon, painting, grayscale, "
         "colour, low resolution), random resized crop (scale 0.5-1) and flip; loss = cosine "
@@ -159,12 +159,13 @@ def main(argv=None) -> int:
         "frozen features) + 1 x the relative squared distance to the frozen ImageNet features of "
         f"the same rendering (config `distill`); AdamW, lr {a['lr']:g} backbone / {a['head_lr']:g} "
         f"classifier, batch {a['batch']}, {a['epochs']} epochs, cosine schedule, BatchNorm "
-        f"statistics frozen, bf16, seed {a['seed']}. GPU run: {log['device']}, torch "
-        f"{log['torch']}, command in the log's `args` "
+        f"statistics frozen, bf16, seed {a['seed']}. GPU run of 2026-11-27 (numbers of the "
+        f"fine-tuning recorded from its log, `benchmarks/finetune_log.json`): {log['device']}, "
+        f"torch {log['torch']}, command in the log's `args` "
         "(the Tiny-ImageNet images travelled as one archive; "
         "`--key-root` keeps the proxy's renderings identical to this machine's).",
         "",
-        "Rule, written down before any number of the fine-tuning (session 6):",
+        "Rule, written down on 2026-11-27 before any number of the fine-tuning:",
         "",
         *[f"> {line}" for line in RULE.splitlines()],
         "",
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
               "fine-tuning data)."]
     if "_gpu_measured" in store:
         lines += ["", "The two relational rows of the fine-tuned features were measured on the "
-                  "lent NVIDIA H200 (torch 2.11.0+cu130) with the same code (`evaluate_proxy`, "
+                  "NVIDIA H200 of the GPU run (torch 2.11.0+cu130) with the same code (`evaluate_proxy`, "
                   "`ReSeNDDetector`) on this machine's cached fp32 proxy features: on 2 CPU cores "
                   "the hybrid scoring of 200 episodes takes over 40 minutes. Every other cell was "
                   "measured here."]
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
             "here, but its margin no longer predicts the size of a real-domain gain.",
             "- The proxy curve is flat after epoch 3 (Lite0: 0.8452, 0.8450, 0.8451); the Lite1 "
             "run stopped after epoch 3 at its time budget, so its epochs 4-5 were never measured.",
-            "- Not run: config `plain` (no distillation; it did not fit in the 15 GPU minutes), "
+            "- Not run: config `plain` (no distillation; it did not fit in the GPU run's time), "
             "retraining the relational module on the fine-tuned features, Lite2.",
         ]
     lines += [

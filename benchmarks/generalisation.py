@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _report import machine, update_section
+from _report import load_note, machine, update_section
 from tqdm.auto import tqdm
 
 from resend_novelty.backbones import build_backbone
@@ -51,7 +51,8 @@ METHODS = (
 )
 
 RULE = """\
-**Rule (written before the first run of this suite; it is how a candidate default is judged).**
+**Rule (written on 2026-12-01, before the first run of this suite; it is how a candidate default is
+judged).**
 A candidate default passes if, in its default mode (transductive), (1) in every intra-domain cell
 its mean AUROC is at least the plain-cosine mean on the same features minus the candidate's
 spread (the standard deviation over the cell's episodes), and (2) averaged over the cross-domain
@@ -157,7 +158,7 @@ def _verdict(res, mode):
 
 
 def table(done: dict, todo: list, n_intra: int, n_cross: int, seed: int, runs: list,
-          threads: int) -> str:
+          threads: int, load: str = "load average unknown") -> str:
     head = ["cell", "kind", "support / class", "unknown share", "episodes"]
     cols = [f"{c} ({m})" if m != "-" else c for c, _, _, ms, _ in METHODS for m in ms]
     keys = [f"{c}|{m}" for c, _, _, ms, _ in METHODS for m in ms]
@@ -225,12 +226,14 @@ def table(done: dict, todo: list, n_intra: int, n_cross: int, seed: int, runs: l
         "default minus plain cosine; cross-domain cells: that difference.", "",
         summary, "",
         *rows, "",
-        f"Episodes per cell: {n_intra} (intra-domain), {n_cross} (cross-domain), seed {seed} "
-        "(fewer than the 20-50 first planned, to keep the run within ~20 minutes of this shared "
-        "machine; the spreads show what that costs). Features from the feature cache (extracted "
-        "once through the library). "
-        f"Machine: {machine()}, shared with other work while it ran; {threads} torch thread(s); "
-        "scoring time (pessimistic): " + ("; ".join(
+        f"Episodes per cell: {n_intra} (intra-domain), {n_cross} (cross-domain), seed {seed}. "
+        "Features from the feature cache (extracted once through the library).", "",
+        "Command: `python benchmarks/generalisation.py --data-root ../shared/data"
+        + (f" --episodes {n_intra}" if n_intra != 10 else "")
+        + (f" --cross-episodes {n_cross}" if n_cross != 3 else "")
+        + (f" --seed {seed}" if seed != 0 else "") + "`  ",
+        f"Machine: {machine()}; {load}; {threads} torch thread(s); "
+        "scoring time: " + ("; ".join(
             f"{r['cells']} cells in {r['seconds']:.0f} s" for r in runs) or "-") + ".",
     ])
 
@@ -267,6 +270,7 @@ def main(argv=None) -> int:
     done = json.loads(results_path.read_text()) if results_path.is_file() else {}
     runs = done.pop("_runs", [])  # [{"cells", "seconds"}] of the invocations that scored cells
     plan = cells(args.quick)
+    load = load_note()
     t0 = time.perf_counter()
 
     def write():
@@ -276,7 +280,7 @@ def main(argv=None) -> int:
             todo.append((c, done.get(cell_key(c, n, args.seed, sha))))
         md = table(done, todo, args.episodes, args.cross_episodes, args.seed,
                    runs + ([{"cells": scored, "seconds": time.perf_counter() - t0}]
-                           if scored else []), args.threads)
+                           if scored else []), args.threads, load)
         if not (args.quick or args.no_write):
             update_section("generalisation", md)
         return md

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from _report import machine, update_section
+from _report import load_note, machine, update_section
 
 from resend_novelty.backbones import build_backbone
 from resend_novelty.detectors import build_detector
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     t_all = time.perf_counter()
+    load = load_note()
     first_model = load_checkpoint(args.model) if args.methods[0] == "resend" else None
     clf_name = args.classifier_backbone
     if clf_name == "detector":
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         lines.append("")
     lines += [
         f"Command: `{cmd}`  ",
-        f"Machine: {machine()}; backbone features read from the on-disk cache (warm). "
+        f"Machine: {machine()}; {load}; backbone features read from the on-disk cache (warm). "
         f"Total wall time {wall:.0f} s (the first row of each setting includes training the "
         "classifier on every target, 5 out-of-fold fits + 1; later rows reuse it).",
     ]

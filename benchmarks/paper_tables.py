@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _report import machine, update_section
+from _report import load_note, machine, update_section
 
 from resend_novelty.backbones import build_backbone
 from resend_novelty.detectors import build_detector
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    mach = machine()
+    mach = f"{machine()}; {load_note()}"
     t_start = time.perf_counter()
 
     def save():
@@ -246,9 +246,11 @@ def main(argv=None) -> int:
         print(f"[eval] {key} {setting}: {cell(r['avg'])} ({r['wall_s']:.1f} s)", flush=True)
         return r
 
-    foot = [f"Machine: {mach}. Features from the on-disk cache (EfficientNet-Lite0, Resize 256 / "
-            "CenterCrop 224); wall s = one `run_benchmark` call over all targets of the setting.",
-            f"Command: `{command}`"]
+    foot = [f"Command: `{command}`  ",
+            f"Machine: {mach}. Features from the on-disk cache: the baselines on EfficientNet-Lite0 "
+            "(ImageNet weights, Resize 256 / CenterCrop 224), `resend` on its checkpoint's "
+            f"`{resend_model.config.backbone}`; wall s = one `run_benchmark` call over all targets "
+            "of the setting."]
 
     # ---- Table 2
     if "table2" in args.only:
@@ -301,7 +303,9 @@ def main(argv=None) -> int:
                  "each target the head trains for the wall time ReSeND takes to evaluate that "
                  "target (prototypes + scoring of the cached test features, best of 2, measured "
                  "right before; backbone time excluded on both sides), ReSeND = " + resend_desc +
-                 ". Head: standardise + linear (AdamW lr 1e-2, batch 128, CE); `ft-mahalanobis` "
+                 " with its default scoring; when its features have another size than the head's, "
+                 "its evaluation is timed on seeded stand-in features of its own size (same numbers "
+                 "of images). Head: standardise + linear (AdamW lr 1e-2, batch 128, CE); `ft-mahalanobis` "
                  "uses a head with one hidden layer of 512 (with a linear head its penultimate "
                  "representation is the frozen feature, i.e. plain `mahalanobis`). Scores: "
                  "pytorch-ood's MaxSoftmax, ODIN (T = 1000; the input-perturbation step, eps = "
@@ -311,8 +315,8 @@ def main(argv=None) -> int:
                  "matrix deviations (Sastry & Oore 2020) of 6 intermediate EfficientNet-Lite0 "
                  "feature maps, poles 1-5, class from the nearest prototype; `ft-gram` = class "
                  "from the fine-tuned head; their Gram statistics are cached on disk like the "
-                 "features (computing them for all 9,991 PACS images re-runs the backbone: "
-                 "~450 s on this machine, not included in the wall times). Last column: mean budget per target / epochs done "
+                 "features (computing them for all 9,991 PACS images re-runs the backbone once; "
+                 "not included in the wall times). Last column: mean budget per target / epochs done "
                  "in it. Paper numbers of the baselines: see paper Table 3; *paper avg* of "
                  "`resend` = the published ReSeND averages (ResNet-18 backbone).", ""]
         for setting in SETTINGS:
@@ -356,12 +360,14 @@ def main(argv=None) -> int:
         rows = []
         for n in names:
             info = trained[n]
-            r = run(f"abl-{n}", "resend", setting, model=load_checkpoint(info["path"]), backbone=lite0)
+            m = load_checkpoint(info["path"])  # scored on the features it was trained on
+            bb = lite0 if m.config.backbone == "efficientnet_lite0" else build_backbone(m.config.backbone)
+            r = run(f"abl-{n}", "resend", setting, model=m, backbone=bb)
             rows.append((n, r, f"{info['val']:.3f} / {info['params'] / 1e6:.2f} M / {info['seconds']:.0f} s"))
         return rows
 
     recipe_txt = (f"Recipe: {desc} - {json.dumps(rec)}; reference set `tiny_imagenet_200/train` "
-                  "(frozen EfficientNet-Lite0 features), checkpoint = best validation AUROC on "
+                  f"(frozen `{rec.get('backbone', 'efficientnet_lite0')}` features), checkpoint = best validation AUROC on "
                   "held-out Tiny-ImageNet classes (PACS never used for training or selection).")
     if "table5" in args.only:
         t_sec = time.perf_counter()
@@ -371,8 +377,7 @@ def main(argv=None) -> int:
                  "(depth = number of transformer blocks, width chosen for a similar parameter "
                  "count; `resend_novelty.models.aggregation`). Same projection, scoring, training "
                  "pipeline and data for all. " + recipe_txt + " Last column: validation AUROC / "
-                 "parameters / training wall time (the machine is shared: training times vary "
-                 "with its load). Paper numbers: see paper Table 5.", ""]
+                 "parameters / training wall time. Paper numbers: see paper Table 5.", ""]
         for setting in SETTINGS:
             lines += table(model_rows(ABLATIONS, setting), setting, "see paper Table 5",
                            "val AUROC / params / train")
@@ -389,7 +394,7 @@ def main(argv=None) -> int:
                  "The transformer relational module trained with the regression loss of the paper "
                  "(MSE of sigma on the pair label) and with binary cross-entropy, all else equal. "
                  + recipe_txt + " Last column: validation AUROC / parameters / training wall "
-                 "time (varies with the load of the shared machine). Paper numbers: see paper "
+                 "time. Paper numbers: see paper "
                  "Fig. 5.", ""]
         for setting in SETTINGS:
             rows = model_rows([names["mse"], names["bce"]], setting)

@@ -65,7 +65,7 @@ def common_validation(run_dir: str, data_root: str, _cache={}) -> float:
 
 
 PROXY_EPISODES = 50
-# the proxy column is computed for the runs of session 2 (proxy validation) and for the previously
+# the proxy column is computed for the runs validated on the proxy (from 2026-11-27) and for the previously
 # shipped recipe; older runs keep "-" (their CPU cost is not worth it: they lose on every column)
 PROXY_ALSO = ("centered + cosine skip + views",)
 
@@ -73,7 +73,7 @@ PROXY_ALSO = ("centered + cosine skip + views",)
 def proxy_score(run_dir, data_root: str, _cache={}) -> dict:
     """The best checkpoint on the synthetic domain-shift episodes of held-out Tiny-ImageNet classes
     (resend_novelty.evaluation.proxy, PROXY_EPISODES episodes): multi/single average AUROC and their mean - the
-    selection criterion of session 2 (PACS never used)."""
+    selection criterion from 2026-11-27 (PACS never used)."""
     m = load_checkpoint(Path(run_dir) / "best.safetensors")
     key = m.config.backbone  # features of the backbone the run was trained on
     if key not in _cache:
@@ -104,8 +104,8 @@ def table(rows: list[dict], command: str) -> str:
         "**proxy** = the best checkpoint on the synthetic domain-shift episodes of the held-out",
         "classes (`resend_novelty.evaluation.proxy`: photo/sketch/cartoon/painting renderings, 6 known + 1",
         f"unknown class per episode, {PROXY_EPISODES} episodes; multi-source / single-source average",
-        "AUROC with the max-softmax normality, and with max-logit): the selection criterion since",
-        "session 2.",
+        "AUROC with the max-softmax normality, and with max-logit): the selection criterion from",
+        "2026-11-27 to 2026-12-01.",
         "",
         "| config | val (own run) | val (common) | proxy multi / single | PACS multi AUROC | multi FPR95 | PACS single AUROC | single FPR95 | train s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -126,13 +126,13 @@ def table(rows: list[dict], command: str) -> str:
               "support centred per source domain) 0.693 / 0.691; standardised cosine "
               "(`cosine-standardized`) 0.687 / 0.698; on Lite1 0.734 / 0.712, on Lite0+Lite1 "
               "0.733 / 0.722, on Lite0+Lite1+Lite2 0.730 / 0.760 (sections *PACS* and *Backbones*). The "
-              "shipped checkpoint (session 4) is the recipe `standardized + cosine skip + views, "
+              "shipped checkpoint (since 2026-11-27) is the recipe `standardized + cosine skip + views, "
               "proxy val, Lite0+Lite1` with the max-logit normality "
               "(src/resend_novelty/training/shipped_recipe.json): PACS 0.743 / 0.835 multi, "
-              "0.734 / 0.900 single with one prototype per class; with the session-5 default scoring (hybrid support "
+              "0.734 / 0.900 single with one prototype per class; with the hybrid default scoring of 2026-11-27 (hybrid support "
               "references, section *Support images as class references*) 0.764 / 0.769. "
-              "Until session 3 it was the same recipe on Lite0 (0.687 / 0.883, 0.698 / 0.890). "
-              "Runs of session 1 were scored on PACS with the "
+              "Before, on 2026-11-27, it was the same recipe on Lite0 (0.687 / 0.883, 0.698 / 0.890). "
+              "Runs of 2026-11-26 were scored on PACS with the "
               "multi-source support centred on its pooled mean (the benchmark now normalises each "
               "source domain on its own, as in training).", "",
               "What we saw (all runs 400 steps x 512 pairs, seed 0, one run each: differences of ~0.01 "
@@ -145,7 +145,7 @@ def table(rows: list[dict], command: str) -> str:
               "- Transductive per-domain normalisation is what moves the numbers: centring took "
               "single-source from 0.53 to 0.71; standardising (mean and std per dimension) is the best "
               "rule on the proxy (multi 0.757 / single 0.716 for plain cosine, vs 0.747 / 0.704 centred).",
-              "- Session 2 (proxy validation): in every run the proxy peaks at step 50-100 and then "
+              "- Proxy validation (2026-11-27): in every run the proxy peaks at step 50-100 and then "
               "declines (e.g. 0.742 -> 0.68 at step 400), whatever the regularisation (lr 1e-4, input "
               "dropout 0.3 + weight decay 0.05, width 64 x 2 blocks, half of the pairs cross-domain). "
               "All standardised runs tie on the proxy (0.7366-0.7368 with max-logit): the module does not "
@@ -153,11 +153,11 @@ def table(rows: list[dict], command: str) -> str:
               "and the chosen step ranks PACS images exactly as standardised cosine does.",
               "- Max-logit normality beats the paper's max-softmax on the proxy for every checkpoint "
               "(+0.013 to +0.014 mean proxy AUROC).",
-              "- Session 3: all 100 images of every training class (twice the reference photos) "
+              "- 100 images per class (2026-11-27): all 100 images of every training class (twice the reference photos) "
               "change nothing: the proxy again peaks at the start (0.742) and declines to 0.721 at "
               "step 400, and ties the shipped run (0.7366 vs 0.7368 with max-logit); not adopted "
               "(rule written down before the run: adopt only above 0.7368 + 0.002).",
-              "- Session 4, backbones (section *Backbones*): the same recipe on EfficientNet-Lite1 "
+              "- Backbones (2026-11-27, section *Backbones*): the same recipe on EfficientNet-Lite1 "
               "features reaches proxy 0.7404 with max-logit (Lite0: 0.7366), and on Lite0+Lite1 "
               "concatenated 0.7497; each passed the rule written before its run (beat the "
               "checkpoint before it by more than 0.002), and the Lite0+Lite1 run ships. Its PACS columns "
@@ -168,7 +168,7 @@ def table(rows: list[dict], command: str) -> str:
               "ranking differs measurably from its cosine start. Half of the pairs cross-domain "
               "on Lite0+Lite1 ties it exactly (proxy 0.7497, same best step 50): not adopted "
               "(rule: above 0.7497 + 0.002).",
-              "- Session 5: the recipe on Lite0+Lite1+Lite2 (3840-d), once the Lite2 features of "
+              "- Lite0+Lite1+Lite2 (2026-11-27): the recipe on Lite0+Lite1+Lite2 (3840-d), once the Lite2 features of "
               "Tiny-ImageNet were cached (its train s include that extraction), reaches proxy 0.7552 "
               "with max-logit and passed the rule "
               "written before the run (above 0.7497 + 0.002). Its regeneration as the shipped "
@@ -176,11 +176,11 @@ def table(rows: list[dict], command: str) -> str:
               "0.730 / 0.849 (Art 0.664, Sketch 0.714, Cartoon 0.726, Photo 0.814) and single "
               "0.760 / 0.887: the same numbers as standardised cosine on those features. Sketch "
               "is more than 0.03 below its Lite0 cosine baseline (0.749), which issue 4 forbids, "
-              "so it was vetoed, as the session-3 refinement was: the Lite0+Lite1 checkpoint "
+              "so it was vetoed, as the prototype refinement was: the Lite0+Lite1 checkpoint "
               "stays. The proxy averages both settings; PACS gained single-source (+0.026) and "
               "lost multi-source (-0.013).",
               "- Nothing here reaches the multi-source target (0.78) with frozen backbones.",
-              "- Session 6, on a lent GPU: end-to-end fine-tuning of the backbones (section "
+              "- Fine-tuned backbones (2026-11-27, on a GPU): end-to-end fine-tuning of the backbones (section "
               "*End-to-end fine-tuned backbones*) reaches it: the shipped relational weights on "
               "the fine-tuned Lite0+Lite1 give PACS 0.812 / 0.830. Not run: longer relational "
               "schedules, a reference set with more classes.", "",

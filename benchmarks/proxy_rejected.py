@@ -1,4 +1,4 @@
-"""Candidates the proxy rejected (issue 4, session 3): proxy (selection) and PACS (test) side by side.
+"""Candidates the proxy rejected (issue 4, 2026-11-27): proxy (selection) and PACS (test) side by side.
 
 Each candidate changes one thing of the shipped scoring rule (max cosine after per-domain
 standardisation, which the shipped relational checkpoint reproduces exactly; section
@@ -16,8 +16,8 @@ standardisation, which the shipped relational checkpoint reproduces exactly; sec
 - **shrunk standard deviation**: ``std' = sqrt(std^2 + (a * median std)^2)`` instead of the
   floored std (a -> infinity = centring only).
 
-Selection rule, fixed before the PACS columns were computed: a candidate passes if its proxy mean
-AUROC beats the shipped rule's by more than 0.002 (the session 2 rule). A candidate that passes is
+Selection rule, fixed on 2026-11-27 before the PACS columns were computed: a candidate passes if its proxy mean
+AUROC beats the shipped rule's by more than 0.002 (the proxy rule of 2026-11-27). A candidate that passes is
 then checked on fresh proxy episodes (seed 1, 200 episodes) and for other shares of unknown classes
 (6+6, 3+12, 12+12; multi, single, in-domain); this confirmation was added after one candidate
 passed, because its q and lambda had been picked on the first 30 of the rule's episodes. One
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 MARGIN = 0.002
 
-READING = ("Reading (session 3): the refinement with q=0.3, lambda=0.75 passed the rule and its "
+READING = ("Reading (2026-11-27): the refinement with q=0.3, lambda=0.75 passed the rule and its "
            "confirmation, but it is not made the default. On PACS multi-source its Photo target "
            "falls to 0.41 AUROC, below chance. 26% of the PACS photos are of the unknown class "
            "(person); the likely cause, not verified, is that the refined prototypes move towards "
@@ -153,10 +153,10 @@ def main(argv=None) -> int:
     ps = load_proxy_set(str(Path(args.data_root) / "tiny_imagenet_200" / "train"), 30, 0)
     bb = build_backbone("efficientnet_lite0")
     lines = [
-        "## Candidates the proxy rejected (session 3)",
+        "## Candidates the proxy rejected (2026-11-27)",
         "",
         "Each row changes one thing of the shipped scoring rule (= standardised cosine, which the "
-        "shipped checkpoint reproduces). Rule fixed before the PACS columns were computed: adopt a "
+        "shipped checkpoint reproduces). Rule fixed on 2026-11-27 before the PACS columns were computed: adopt a "
         f"candidate only if its proxy mean beats the first row by more than {MARGIN}. Proxy: "
         f"{args.episodes} episodes, 6 known + 1 unknown class. See the script's docstring for "
         "each candidate.",

@@ -24,9 +24,9 @@ from resend_novelty.detectors import build_detector
 from resend_novelty.evaluation import evaluate_proxy, load_proxy_set, run_benchmark
 from resend_novelty.models import load_checkpoint
 
-READING = ('Reading (session 2): the proxy ranks the per-domain normalisations as PACS single-source does (none < centred <= standardised), but it misses the multi-source strength of kNN-style scoring: its supports hold 25 images per class and domain, PACS supports hundreds. The default was not switched after seeing these PACS numbers (proxy: tie, so the simpler rule stays); `--neighbors 10` is available. The shipped resend rows equal the standardised cosine rows: the relational module adds nothing measurable on this reference set (section *Pretraining ablations*).')
+READING = ('Reading (2026-11-27): the proxy ranks the per-domain normalisations as PACS single-source does (none < centred <= standardised), but it misses the multi-source strength of kNN-style scoring: its supports hold 25 images per class and domain, PACS supports hundreds. The default was not switched after seeing these PACS numbers (proxy: tie, so the simpler rule stays); `--neighbors 10` is available. The shipped resend rows equal the standardised cosine rows: the relational module adds nothing measurable on this reference set (section *Pretraining ablations*).')
 
-READING_ALL = ("Reading (session 3): with supports three times larger, the proxy still ranks "
+READING_ALL = ("Reading (2026-11-27): with supports three times larger, the proxy still ranks "
                "prototype scoring above kNN-style scoring: standardised cosine and the shipped "
                "model 0.740, knn standardised and resend with 10 neighbours 0.727 (on the "
                "selection proxy: 0.737 vs 0.736). Support size does not explain kNN's lead on PACS "
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         "other image of the known classes, rendered in each source domain (75 images, 225 "
         "renderings per class multi-source; 75 photos single-source), against 25 / 75 in the "
         "selection proxy. Built to test whether kNN-style scoring gains with larger supports "
-        "(session 2 note). Decision rule, written down before the run: switch the resend default "
+        "(the note above). Decision rule, written down on 2026-11-27 before the run: switch the resend default "
         "to `neighbors=10` if knn-standardised or resend with 10 neighbours beats the shipped rule "
         "(standardize, max-logit) on this proxy's mean by more than 0.002.",
         "",

@@ -1,4 +1,5 @@
-"""Choose the default scoring on the generalisation suite, by a rule written before the run.
+"""Choose the default scoring on the generalisation suite, by a rule fixed on 2026-12-01 before the
+run on fresh episodes.
 
     RESEND_CACHE=... python benchmarks/select_default.py --data-root ../shared/data
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _report import machine, update_section
+from _report import load_note, machine, update_section
 from generalisation import FT, IN, cells, run_cell
 from tqdm.auto import tqdm
 
@@ -27,8 +28,8 @@ from resend_novelty.evaluation import get_setting, load_pools, official_lists
 from resend_novelty.models import load_checkpoint
 
 RULE = """\
-**Rule (written before this run; the exploratory run, seed 0 with 6-20 episodes per cell, was
-seen and is why these candidates exist).** Candidates, all with the shipped relational weights
+**Rule (written on 2026-12-01, before the first run on these fresh episodes; the exploratory
+run, seed 0 with 6-20 episodes per cell, was seen and is why these candidates exist).** Candidates, all with the shipped relational weights
 and transductive: **A** the scoring shipped before (per-domain statistics always,
 `shift_threshold=0`); **B** the shift gate: support and test normalised by one set of
 statistics of both together when their gap g = 1 - cos(mean unit support feature, mean unit
@@ -83,7 +84,7 @@ def choose(verdicts: dict) -> str | None:
     return (trained or tied)[0] if len(trained) <= 1 else max(trained, key=lambda k: ok[k]["intra"])
 
 
-def section(results, n_intra, n_cross, seed, seconds) -> str:
+def section(results, n_intra, n_cross, seed, seconds, load="load average unknown") -> str:
     def fmt(v):
         return f"{np.mean(v):.3f} ± {np.std(v):.3f}"
     rows = ["| cell | kind | support / class | unknown share | cosine | A (T) | B (T) | C (T) |",
@@ -111,7 +112,7 @@ def section(results, n_intra, n_cross, seed, seconds) -> str:
         *rows, "", *lines, "",
         f"**Choice by the rule: {pick or 'none'}**"
         + (" (PACS veto checked with `resend benchmark`, section *PACS*)." if pick else "."), "",
-        f"Machine: {machine()}; scoring {seconds:.0f} s.",
+        f"Machine: {machine()}; {load}; scoring {seconds:.0f} s.",
     ])
 
 
@@ -134,6 +135,7 @@ def main(argv=None) -> int:
              for s in ("pacs-single", "pacs-multi")}
     path = Path(args.results)
     done = json.loads(path.read_text()) if path.is_file() else {}
+    load = load_note()
     results, t0 = [], time.perf_counter()
     for cell in tqdm(cells(False), desc="selection cells", unit="cell"):
         n = args.episodes if cell["kind"] == "intra" else args.cross_episodes
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
             os.replace(tmp, path)  # atomic: an interruption keeps the finished cells
         results.append((cell, done[key]))
     md = section(results, args.episodes, args.cross_episodes, args.seed,
-                 time.perf_counter() - t0)
+                 time.perf_counter() - t0, load)
     if not args.no_write:
         update_section("selection", md)
     print(md)

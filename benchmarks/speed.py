@@ -188,7 +188,7 @@ def part_a(device: torch.device, n_test: int = 2048, n_protos: int = 6, loop_n: 
             reference_loop_scores(model, protos, test[:2], device)
             variants = [("batched", None, det)]
             if plain_row:
-                variants.append(("batched, SDPA for the 3-token attention (before session 3)",
+                variants.append(("batched, SDPA for the 3-token attention (used until 2026-11-27)",
                                  "sdpa", detector(_variant(model, device, attention=sdpa_attention))))
                 variants.append(("batched, plain relate (no shared work)", False,
                                  detector(_variant(model, device, generic=True))))
@@ -568,8 +568,8 @@ def format_d(r: dict, device: torch.device) -> str:
     notes = ["Each run computes the similarities of every test image once and derives both the "
              "normality and the nearest class (closed-set accuracy) from them "
              "(`score_and_nearest_features`). A cold cache adds the backbone on every image: "
-             "measured in session 1 (`--cold`, machine shared with other jobs): 1866 s for all "
-             "9,991 PACS images at about 5 images/s, see part (b)."]
+             "part (e) gives the wall time of `resend benchmark pacs-multi` from a fresh cache, "
+             "part (b) the extraction rate; `--cold` measures this part cold too."]
     if any(x["cache"] == "cold" for x in r["runs"]):
         notes.insert(0, "In the cold pass the extraction of all images is charged to its first "
                      "run (cosine, pacs-multi); the other cold runs already find the features "
@@ -584,7 +584,7 @@ def write_report(section: str, new: dict[str, str], path: Path = BENCHMARKS_MD) 
             "machine and wall time under it); parts may come from different runs. Peak RSS = the "
             "main process's peak resident memory during the measurement (start = its RSS when the "
             "measurement began, i.e. memory it already held); GPU peak = "
-            "`torch.cuda.max_memory_allocated`. See README.md, section Speed.")
+            "`torch.cuda.max_memory_allocated`. See docs/speed.md.")
     return write_section_parts(section, new, path, PART_LABEL, PARTS, head)
 
 
@@ -695,7 +695,11 @@ def main(argv=None) -> int:
         ap.error("parts b (without --images), c (end-to-end) and d need --data-root "
                  "(or $RESEND_DATA)")
     mach = machine()
-    command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    words = list(argv if argv is not None else sys.argv[1:])
+    for i, w in enumerate(words[:-1]):  # a machine path in the command line: named DIR
+        if w == "--e-torch-cache":
+            words[i + 1] = "DIR"
+    command = "python benchmarks/speed.py " + " ".join(words)
     results, blocks = {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="resend_speed_"))
     try:

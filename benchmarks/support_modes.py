@@ -1,9 +1,9 @@
 """How the support images become class references: proxy (selection) and PACS (test) (issue 4).
 
-Session 5 candidates, each on the shipped relational checkpoint and changing only how the support
+Candidates of 2026-11-27, each on the shipped relational checkpoint and changing only how the support
 of a class is compared with a test image ``x`` (the issue's "multiple prototypes per class"):
 
-- **one prototype per class** (the session-4 default; mean support feature): u_c =
+- **one prototype per class** (the default until 2026-11-27; mean support feature): u_c =
   logit(x, prototype_c).
 - **neighbours (k=10)**: u_c = mean logit of ``x`` with the 10 support images of class c nearest
   to it by cosine (the library's ``neighbors=10``). On PACS it is the relational counterpart of
@@ -14,7 +14,7 @@ of a class is compared with a test image ``x`` (the issue's "multiple prototypes
   domain); u_c = the mean of the logits of ``x`` with the prototypes of class c. A single-source
   support has one domain, so this equals one prototype per class there.
 
-Rule (written down in session 5 before any number of these candidates): make a candidate the
+Rule (written down on 2026-11-27 before any number of these candidates): make a candidate the
 default only if its selection-proxy mean (6 known + 1 unknown class, seed 0, 50 episodes) beats
 the first row (one prototype per class) by more than 0.002, and again on fresh episodes (seed 1,
 200 episodes, run only for a candidate that passes the first test). PACS is computed after and
@@ -90,7 +90,7 @@ def model_key(model) -> str:
 def candidates(model):
     # explicit neighbors= on every row: the rows do not depend on the checkpoint's defaults
     return [
-        ("one prototype per class (session 4 default)", ReSeNDDetector, {"neighbors": 0}),
+        ("one prototype per class (default until 2026-11-27)", ReSeNDDetector, {"neighbors": 0}),
         ("hybrid (0.5 prototype + 0.5 neighbours, k=10)", ReSeNDDetector,
          {"neighbors": 10, "neighbor_weight": 0.5}),
         ("neighbours (k=10)", ReSeNDDetector, {"neighbors": 10, "neighbor_weight": 1.0}),
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         "",
         f"Relational model: {name} ({model.config.backbone} features, normality "
         f"{model.scoring.normality}). Each row changes only how the support images of a class are "
-        "compared with a test image (script docstring). Rule fixed before any number: adopt a "
+        "compared with a test image (script docstring). Rule fixed on 2026-11-27 before any number: adopt a "
         f"candidate only if its proxy mean beats the first row by more than {MARGIN}, then again "
         "on fresh episodes (seed 1, 200 episodes). Proxy: the selection proxy, "
         f"{args.episodes} episodes, 6 known + 1 unknown class. PACS: the default `resend "
@@ -213,8 +213,8 @@ def main(argv=None) -> int:
 
 
 READING = (
-    "Reading (session 5). On the shipped Lite0+Lite1 checkpoint the hybrid passed both tests "
-    "(proxy 0.7559 vs 0.7519; fresh episodes 0.7613 vs 0.7586) and is now the default scoring "
+    "Reading (2026-11-27). On the shipped Lite0+Lite1 checkpoint the hybrid passed both tests "
+    "(proxy 0.7559 vs 0.7519; fresh episodes 0.7613 vs 0.7586) and became the default scoring "
     "(`neighbors=10, neighbor_weight=0.5` stored in the checkpoint's config; "
     "src/resend_novelty/training/shipped_recipe.json). Neighbours alone and per-domain prototypes lose on the "
     "proxy. PACS, computed after: the hybrid gives multi 0.764 / 0.840 and single 0.769 / 0.884 "

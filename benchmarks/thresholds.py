@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _report import machine, update_section
+from _report import load_note, machine, update_section
 
 from resend_novelty.detectors import build_detector, test_mode_threshold
 from resend_novelty.evaluation import get_setting, load_setting_lists, setting_paths
@@ -75,7 +75,7 @@ def _example(det_factory, data_root: Path, tprs):
     return _rules(det, s, labels, None, q, is_known, tprs)
 
 
-def _write(rows, methods, tprs, argv, t_all, write: bool) -> None:
+def _write(rows, methods, tprs, argv, t_all, write: bool, load: str) -> None:
     wall = time.perf_counter() - t_all
 
     f = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
@@ -100,8 +100,8 @@ def _write(rows, methods, tprs, argv, t_all, write: bool) -> None:
             lines += ["", f"mean |gap|: support {100 * gap['support']:.1f}, test "
                       f"{100 * gap['test']:.1f} points.", ""]
     lines += [f"Command: `RESEND_CACHE=DIR {cmd}`  ",
-              f"Machine: {machine()} (2 cores shared with other jobs); backbone features from "
-              f"the warm on-disk cache. Wall time {wall:.0f} s."]
+              f"Machine: {machine()}; {load}; backbone features from the warm on-disk cache. "
+              f"Wall time {wall:.0f} s."]
     if write:
         update_section("thresholds", "\n".join(lines))
     print("\n".join(lines))
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = p.parse_args(argv)
     t_all = time.perf_counter()
+    load = load_note()
     rows = []
     for method in args.methods:
         model = load_checkpoint() if method == "resend" else None
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
             rows.append((method, "README example", "photo 3 cls -> art", tpr, r))
             print(method, "example", tpr, r, flush=True)
         _write(rows, args.methods[:args.methods.index(method)] + [method], args.tpr, argv,
-               t_all, not args.no_write)
+               t_all, not args.no_write, load)
         for name in args.settings:
             setting = get_setting(name)
             lists = load_setting_lists(setting, args.data_root)
@@ -150,9 +151,9 @@ def main(argv=None) -> int:
                     rows.append((method, name, t.name, tpr, r))
                     print(method, name, t.name, tpr, r, flush=True)
                 _write(rows, args.methods[:args.methods.index(method) + 1], args.tpr, argv,
-                       t_all, not args.no_write)  # after each target: a long run keeps its rows
+                       t_all, not args.no_write, load)  # after each target: a long run keeps its rows
         done = args.methods[:args.methods.index(method) + 1]
-        _write(rows, done, args.tpr, argv, t_all, not args.no_write)
+        _write(rows, done, args.tpr, argv, t_all, not args.no_write, load)
     return 0
 
 
