@@ -76,7 +76,7 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
         help="--method resend or cosine/cosine-centered/cosine-standardized: STEPS of test-time "
         "prototype refinement on the test images scored together (not in the paper; default 0 = "
         "off). Transductive; it can fail badly when an unknown class is a large share of the "
-        "test images (PACS Photo target: AUROC 0.41, see BENCHMARKS.md)",
+        "test images (PACS multi-source Photo target: AUROC 0.41, see docs/scoring.md)",
     )
     p.add_argument(
         "--shift-threshold", type=float, default=None, metavar="T",
