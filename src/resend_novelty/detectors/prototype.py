@@ -263,13 +263,15 @@ class PrototypeDetector(Detector):
         against)``: this detector, or - when the shift gate pools the batch - a copy whose
         support references are normalised with the same pooled statistics."""
         features = self._checked_test(features)
-        if not self.normalizer.pooled(features):
-            return self.normalizer.transform(features, stacklevel=stacklevel), self
-        support = self.normalizer.support_features(self.support_features_)
-        mean, std = self.normalizer.pooled_statistics(features, support)
-        fixed = self.normalizer.test_mean_ is not None
-        view = self._fixed_view if fixed and self._fixed_view is not None else \
-            self._pooled_view(normalize(support, mean, std))
+        n = self.normalizer
+        if not n.pooled(features):
+            return n.transform(features, stacklevel=stacklevel), self
+        fixed = n.test_mean_ is not None  # pooled statistics fixed by set_test_mean
+        if fixed and self._fixed_view is not None:  # a stream: its references built once
+            return normalize(features, n.test_mean_, n.test_std_), self._fixed_view
+        support = n.support_features(self.support_features_)
+        mean, std = n.pooled_statistics(features, support)
+        view = self._pooled_view(normalize(support, mean, std))
         if fixed:
             self._fixed_view = view
         return normalize(features, mean, std), view

@@ -87,7 +87,7 @@ class ReSeNDDetector(PrototypeDetector):
                  shift_threshold: float | None = None, **kwargs):
         self.model = model if isinstance(model, RelationalModule) else load_checkpoint(model)
         kwargs.setdefault("backbone", self.model.config.backbone)
-        kwargs["shift_threshold"] = (getattr(self.model.scoring, "shift_threshold", 0.0)
+        kwargs["shift_threshold"] = (self.model.scoring.shift_threshold
                                      if shift_threshold is None else shift_threshold)
         super().__init__(**kwargs)
         bb = kwargs["backbone"]

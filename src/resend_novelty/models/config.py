@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["ARCHS", "NORMALITIES", "SCORING_KEYS", "RelationalConfig", "ScoringConfig",
+__all__ = ["ARCHS", "NORMALITIES", "SCORING_KEYS", "check_shift_threshold", "RelationalConfig", "ScoringConfig",
            "split_config", "resolve_configs"]
 
 # "transformer": the paper's relational module; the others are the ablations of the paper's
@@ -23,6 +23,13 @@ __all__ = ["ARCHS", "NORMALITIES", "SCORING_KEYS", "RelationalConfig", "ScoringC
 ARCHS = ("transformer", "max", "sum", "concat")
 # "softmax" = max(softmax(u)) over the classes (the paper); "max-logit" = max(u)
 NORMALITIES = ("softmax", "max-logit")
+
+
+def check_shift_threshold(t) -> float:
+    """``t`` as a float if it is a valid shift-gate threshold (a number in [0, 2]; 0 = off)."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 2.0:
+        raise ValueError(f"shift_threshold must be a number in [0, 2] (0 = off), got {t!r}")
+    return float(t)
 
 
 def _from_dict(cls, d: dict, what: str):
@@ -121,9 +128,7 @@ class ScoringConfig:
             raise ValueError(f"neighbors must be >= 0 (0 = class prototypes), got {self.neighbors}")
         if not 0.0 <= float(self.neighbor_weight) <= 1.0:
             raise ValueError(f"neighbor_weight must be in [0, 1], got {self.neighbor_weight}")
-        t = self.shift_threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 2.0:
-            raise ValueError(f"shift_threshold must be a number in [0, 2] (0 = off), got {t!r}")
+        check_shift_threshold(self.shift_threshold)
         if isinstance(self.candidates, bool) or int(self.candidates) != self.candidates \
                 or int(self.candidates) < 0:
             raise ValueError(f"candidates must be an integer >= 0 (0 = every class), got "

@@ -34,6 +34,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..models import check_shift_threshold
+
 __all__ = ["MODES", "STD_FLOOR", "as_mode", "domain_statistics", "normalize",
            "normalize_by_domain", "mean_direction", "shift_gap", "DomainNormalizer"]
 
@@ -159,14 +161,11 @@ class DomainNormalizer:
         _check_mode(mode)
         if not isinstance(per_image, (bool, np.bool_)):
             raise ValueError(f"per_image must be True or False, got {per_image!r}")
-        t = shift_threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 2.0:
-            raise ValueError(f"shift_threshold must be a number in [0, 2] (0 = off), got {t!r}")
         self.mode = mode
         self.min_batch = int(min_batch)
         self.statistics = statistics or domain_statistics
         self.per_image = bool(per_image)
-        self.shift_threshold = float(shift_threshold)
+        self.shift_threshold = check_shift_threshold(shift_threshold)
         self.test_mean_ = self.test_std_ = None
         self.test_pooled_ = False  # the fixed test statistics are pooled ones
         self.support_direction_ = None  # mean_direction of the support (one support domain)
@@ -228,8 +227,7 @@ class DomainNormalizer:
                              f"not a mean of shape {tuple(features.shape)}")
         self.test_mean_ = self.test_std_ = None  # pooled() must not read the previous ones
         if features.ndim == 2 and support is not None and self.pooled(features):
-            self.test_mean_, self.test_std_ = self.statistics(torch.cat([support, features]),
-                                                              self.mode)
+            self.test_mean_, self.test_std_ = self.pooled_statistics(features, support)
             self.test_pooled_ = True
         elif features.ndim == 2:
             self.test_mean_, self.test_std_ = self.statistics(
