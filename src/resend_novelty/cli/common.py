@@ -88,6 +88,14 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
         "Transductive only: no effect with --per-image",
     )
     p.add_argument(
+        "--raw-weight", type=float, default=None, metavar="W",
+        help="--method resend, cosine*, euclidean, with --per-image and one support domain: "
+        "normality = (1 - W) x normality on the support-normalised features + W x normality "
+        "on the unnormalised features (not in the paper; a test image alone may come from "
+        "another domain than the support's). 0 = normalised only; default: the checkpoint's "
+        "own (resend), 0 (others)",
+    )
+    p.add_argument(
         "--per-image", action="store_true",
         help="score each test image alone: no statistic of any other test image is used (the "
         "per-domain normalisation of the test features uses the support statistics; the "
@@ -159,6 +167,8 @@ def detector_factory(args):
         common["per_image"] = True  # with --refine: a clear error from the detector
     if getattr(args, "shift_threshold", None) is not None:
         common["shift_threshold"] = args.shift_threshold  # unsupported methods raise clearly
+    if getattr(args, "raw_weight", None) is not None:
+        common["raw_weight"] = args.raw_weight  # unsupported methods raise clearly
 
     def make():
         return build_detector(args.method, model=model, **common)

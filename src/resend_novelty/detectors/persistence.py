@@ -73,6 +73,7 @@ def _options(det: PrototypeDetector) -> dict:
             "refine": det.refine, "refine_fraction": det.refine_fraction,
             "refine_keep": det.refine_keep}
     opts["shift_threshold"] = det.shift_threshold  # explicit: 0 must not become a checkpoint's
+    opts["raw_weight"] = det.raw_weight
     if det.name == "resend":
         opts.update(normality=det.normality, neighbors=det.neighbors or 0,
                     chunk_pairs=det.chunk_pairs)
@@ -195,8 +196,8 @@ def load_detector(path: str | os.PathLike, *, model=None, backbone=None, device=
         raise DetectorFileError(
             f"{path} was fitted with other {want['name']} backbone weights (sha256 "
             f"{want['sha256'][:12]}..., this installation's {state_sha256(bb)[:12]}...)")
-    # files written before the shift gate existed were scored without it
-    kwargs = dict({"shift_threshold": 0.0}, **meta["options"], backbone=bb, device=device,
+    # files written before the shift gate / the raw weight existed were scored without them
+    kwargs = dict({"shift_threshold": 0.0, "raw_weight": 0.0}, **meta["options"], backbone=bb, device=device,
                   cache=cache, batch_size=batch_size, num_workers=num_workers, progress=progress)
     if method == "resend":
         kwargs["model"] = _load_model(path, meta["checkpoint"], model)

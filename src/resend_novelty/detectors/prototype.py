@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..features import check_features
+from ..models import check_raw_weight
 from ..transforms import (REFINE_FRACTION, REFINE_KEEP, DomainNormalizer, PrototypeRefiner,
                           as_mode, normalize)
 from .base import Detector
@@ -58,6 +59,13 @@ class PrototypeDetector(Detector):
     the prototypes and support references are normalised again with them for that batch (a
     copy of the detector, :meth:`_pooled_view`); above it, per-domain statistics as without the
     gate. Needs one support domain (no ``domains=`` at fit); no effect with ``per_image``.
+    ``raw_weight`` (not in the paper; default 0 = off; same detectors as the shift gate): with
+    ``per_image`` and one support domain, the normality is ``(1 - w)`` x the normality on the
+    support-normalised features + ``w`` x the normality on the unnormalised features (a copy of
+    the detector fitted on the raw support, :meth:`_raw_view`). A test image scored alone may
+    come from the support's domain, where the support statistics fit, or from another one,
+    where they do not; the raw features assume neither. The nearest class and ``u`` are those
+    of the normalised features. No effect in transductive scoring or with ``domains=``.
     ``engine``: inference engine of the backbone on image inputs ("auto": ONNX Runtime on CPU,
     torch on CUDA; "onnx"; "torch"), see :mod:`resend_novelty.features.engine`.
 
@@ -91,6 +99,7 @@ class PrototypeDetector(Detector):
         per_image: bool = False,
         engine: str = "auto",
         shift_threshold: float = 0.0,
+        raw_weight: float = 0.0,
     ):
         self.engine = engine  # inference engine of image inputs: "auto", "onnx" or "torch"
         self.normalizer = DomainNormalizer(as_mode(center), int(min_center_batch),
@@ -99,10 +108,15 @@ class PrototypeDetector(Detector):
             raise ValueError(f"the {self.name} detector does not support the shift gate "
                              "(shift_threshold > 0): its fitted state is not rebuilt from the "
                              "support features")
+        self.raw_weight = check_raw_weight(raw_weight)
+        if self.raw_weight > 0 and not self.supports_shift_gate:
+            raise ValueError(f"the {self.name} detector does not support raw_weight > 0: its "
+                             "fitted state is not rebuilt from the support features")
         self.refiner = self._make_refiner(refine, refine_fraction, refine_keep)
         super().__init__(backbone, device, cache, batch_size, num_workers, progress)
         self.test_prototypes_ = None
         self._fixed_view = None  # pooled references of statistics fixed by set_test_mean
+        self._raw = None  # the raw view (raw_weight), built at the first score
 
     def _make_refiner(self, refine, fraction, keep) -> PrototypeRefiner:
         refiner = PrototypeRefiner(refine, fraction, keep)
@@ -185,6 +199,7 @@ class PrototypeDetector(Detector):
         features, labels = self._validate_support(features, labels, domains)
         self.test_prototypes_ = None  # refined from the old prototypes: stale
         self._fixed_view = None
+        self._raw = None
         features = self.normalizer.fit_transform(features, domains)
         self.support_features_ = features  # what subclasses build their own statistics from
         idx = torch.as_tensor(np.searchsorted(self.classes_, labels))
@@ -241,6 +256,7 @@ class PrototypeDetector(Detector):
             self.normalizer.support_std_ = None
         self.test_prototypes_ = None
         self._fixed_view = None
+        self._raw = None
         self._restore_fitted()
         return self
 
@@ -285,8 +301,27 @@ class PrototypeDetector(Detector):
         view.prototypes_, _ = class_means(support, idx, len(self.classes_))
         view.test_prototypes_ = None
         view._fixed_view = None
+        view._raw = None
         view._restore_fitted()
         return view
+
+    @property
+    def hedged(self) -> bool:
+        """Whether the scores mix in the raw view: ``raw_weight > 0``, ``per_image``, a domain
+        normalisation and one support domain (see the class docstring)."""
+        n = self.normalizer
+        return (self.raw_weight > 0 and n.per_image and n.active
+                and n.support_direction_ is not None)
+
+    def _raw_view(self) -> "PrototypeDetector":
+        """A copy of this detector fitted on the unnormalised support (no domain normalisation,
+        its own references), built once per fit."""
+        if self._raw is None:
+            view = self._pooled_view(self.normalizer.support_features(self.support_features_))
+            view.normalizer = DomainNormalizer("none", per_image=True)
+            view.raw_weight = 0.0
+            self._raw = view
+        return self._raw
 
     def prepare_features(self, features) -> torch.Tensor:
         """Test features as the similarities see them: checked against the fitted prototypes,
@@ -371,9 +406,21 @@ class PrototypeDetector(Detector):
     def normality_from_similarities(self, u: torch.Tensor) -> torch.Tensor:
         return u.max(dim=1).values
 
-    def score_features(self, features) -> np.ndarray:
+    def score_similarities_features(self, features) -> tuple[np.ndarray, torch.Tensor]:
+        """``(normality (N,), u (N, K))`` of test features scored together: ``u`` as
+        :meth:`test_similarities_features`; the normality from it, mixed with that of the raw
+        view when :attr:`hedged`."""
         u = self._test_similarities(features)
-        return self.normality_from_similarities(u).numpy()
+        normality = self.normality_from_similarities(u)
+        if self.hedged:
+            raw = self._raw_view()
+            w = self.raw_weight
+            normality = (1 - w) * normality + w * raw.normality_from_similarities(
+                raw._test_similarities(features))
+        return normality.numpy(), u
+
+    def score_features(self, features) -> np.ndarray:
+        return self.score_similarities_features(features)[0]
 
     def nearest_class_features(self, features) -> np.ndarray:
         u = self._test_similarities(features)
@@ -381,8 +428,8 @@ class PrototypeDetector(Detector):
 
     def score_and_nearest_features(self, features) -> tuple[np.ndarray, np.ndarray]:
         """Normality and nearest known class from one similarity computation."""
-        u = self._test_similarities(features)
-        return self.normality_from_similarities(u).numpy(), self.classes_[u.argmax(dim=1).numpy()]
+        normality, u = self.score_similarities_features(features)
+        return normality, self.classes_[u.argmax(dim=1).numpy()]
 
     # ----------------------------------------------------------------- calibration
     def loo_scores_features(
@@ -395,7 +442,12 @@ class PrototypeDetector(Detector):
         ``used`` the boolean mask of those images among ``features``.
         """
         u, used = self.loo_similarities_features(features, labels, block)
-        return self.normality_from_similarities(u[torch.as_tensor(used)]).numpy(), used
+        scores = self.normality_from_similarities(u[torch.as_tensor(used)]).numpy()
+        if self.hedged:  # the raw view's leave-one-out scores of the same rows
+            w = self.raw_weight
+            scores = (1 - w) * scores + w * self._raw_view().loo_scores_features(
+                features, labels, block)[0]
+        return scores, used
 
     def _loo_index(self, features, labels) -> tuple[torch.Tensor, np.ndarray]:
         """Prepared support features and the class index of each row, checked."""

@@ -36,7 +36,9 @@ class ReSeNDDetector(PrototypeDetector):
     per batch (default 65536 on GPU, 4096 on CPU); memory stays bounded whatever the number of
     test images. ``normality``: "softmax" (the paper's max(softmax(u))) or "max-logit" (max(u));
     default: the model's ``scoring.normality``. ``center``: domain normalisation; default: the
-    one the checkpoint was trained with (``config.domain_norm``).
+    one the checkpoint was trained with (``config.domain_norm``). ``shift_threshold`` and
+    ``raw_weight`` (:class:`~resend_novelty.detectors.PrototypeDetector`) default to the model's
+    ``scoring.shift_threshold`` / ``scoring.raw_weight``.
 
     ``neighbors=k`` (not in the paper; 0 = one prototype per class; default None = the model's
     ``scoring.neighbors``): also compare the test image with the ``k`` support images of class c
@@ -84,11 +86,14 @@ class ReSeNDDetector(PrototypeDetector):
                  chunk_pairs: int | None = None, normality: str | None = None,
                  neighbors: int | None = None, neighbor_weight: float | None = None,
                  refine: int = 0, candidates: int | None = None,
-                 shift_threshold: float | None = None, **kwargs):
+                 shift_threshold: float | None = None, raw_weight: float | None = None,
+                 **kwargs):
         self.model = model if isinstance(model, RelationalModule) else load_checkpoint(model)
         kwargs.setdefault("backbone", self.model.config.backbone)
         kwargs["shift_threshold"] = (self.model.scoring.shift_threshold
                                      if shift_threshold is None else shift_threshold)
+        kwargs["raw_weight"] = (getattr(self.model.scoring, "raw_weight", 0.0)
+                                if raw_weight is None else raw_weight)
         super().__init__(**kwargs)
         bb = kwargs["backbone"]
         bb_name = bb if isinstance(bb, str) or bb is None else bb.name

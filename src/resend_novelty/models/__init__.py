@@ -22,6 +22,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import (
+    check_raw_weight,
     check_shift_threshold,
     ARCHS,
     NORMALITIES,
@@ -36,6 +37,7 @@ from .relational import RelationalModule
 
 __all__ = [
     "ARCHS", "NORMALITIES", "SCORING_KEYS", "RelationalConfig", "ScoringConfig", "split_config",
+    "check_raw_weight",
     "check_shift_threshold",
     "resolve_configs", "Attention", "TransformerBlock", "short_attention", "sdpa_attention",
     "RelationalModule", "AggregationModule", "mlp_width", "transformer_relation_params",

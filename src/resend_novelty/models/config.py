@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["ARCHS", "NORMALITIES", "SCORING_KEYS", "check_shift_threshold", "RelationalConfig", "ScoringConfig",
+__all__ = ["ARCHS", "NORMALITIES", "SCORING_KEYS", "check_raw_weight", "check_shift_threshold", "RelationalConfig", "ScoringConfig",
            "split_config", "resolve_configs"]
 
 # "transformer": the paper's relational module; the others are the ablations of the paper's
@@ -23,6 +23,14 @@ __all__ = ["ARCHS", "NORMALITIES", "SCORING_KEYS", "check_shift_threshold", "Rel
 ARCHS = ("transformer", "max", "sum", "concat")
 # "softmax" = max(softmax(u)) over the classes (the paper); "max-logit" = max(u)
 NORMALITIES = ("softmax", "max-logit")
+
+
+def check_raw_weight(w) -> float:
+    """``w`` as a float in [0, 1]: the weight of the unnormalised features in per-image scoring
+    (:attr:`ScoringConfig.raw_weight`); anything else is an error naming the value."""
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= float(w) <= 1.0:
+        raise ValueError(f"raw_weight must be a number in [0, 1] (0 = off), got {w!r}")
+    return float(w)
 
 
 def check_shift_threshold(t) -> float:
@@ -120,6 +128,9 @@ class ScoringConfig:
     shift_threshold: float = 0.0  # shift gate of the domain normalisation (not in the paper):
     # a test batch whose support-test gap (transforms.shift_gap) is at most this is normalised
     # with the support by pooled statistics; 0 = per-domain statistics always
+    raw_weight: float = 0.0  # per-image scoring with one support domain (not in the paper):
+    # normality = (1 - w) * normality on the support-normalised features + w * normality on the
+    # unnormalised features; 0 = normalised features only
 
     def __post_init__(self):
         if self.normality not in NORMALITIES:
@@ -129,6 +140,7 @@ class ScoringConfig:
         if not 0.0 <= float(self.neighbor_weight) <= 1.0:
             raise ValueError(f"neighbor_weight must be in [0, 1], got {self.neighbor_weight}")
         check_shift_threshold(self.shift_threshold)
+        check_raw_weight(self.raw_weight)
         if isinstance(self.candidates, bool) or int(self.candidates) != self.candidates \
                 or int(self.candidates) < 0:
             raise ValueError(f"candidates must be an integer >= 0 (0 = every class), got "

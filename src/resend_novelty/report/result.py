@@ -230,8 +230,7 @@ def score_test_set(detector, test_set, threshold_rule: dict, support: str, test:
     detector file (:func:`~resend_novelty.report.score_fitted`). Non-finite scores or threshold
     are errors."""
     feats = detector.features(test_set.paths, desc="test features")[0]
-    u = detector.test_similarities_features(feats)
-    normality = detector.normality_from_similarities(u).numpy()
+    normality, u = detector.score_similarities_features(feats)
     _check_finite(normality, test_set.paths, detector)
     if not math.isfinite(float(detector.threshold_)):
         raise ValueError(f"the calibrated threshold is {detector.threshold_}: the support scores "

@@ -124,8 +124,8 @@ def watch(detector, source: str | os.PathLike | TextIO, csv_path: str | os.PathL
                     continue
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # one image: statistics fixed above
-                    u = detector.test_similarities_features(feats)
-                    s = float(detector.normality_from_similarities(u)[0])
+                    normality, u = detector.score_similarities_features(feats)
+                    s = float(normality[0])
                 k = int(u[0].argmax())
                 unknown = s < detector.threshold_
                 writer.writerow([p, f"{s:.6g}", detector.class_names_[k],
