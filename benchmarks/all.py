@@ -63,7 +63,7 @@ class Step:
 
 # the paper's order (Table 1 .. Table 4), then this project's own sections
 ORDER = ("pacs", "paper-table2", "paper-table3", "osdg-pacs", "generalisation", "selection",
-         "thresholds", "speed")
+         "selection-per-image", "thresholds", "speed")
 
 STEPS = (
     Step("pacs", "pacs", "pacs.py", minutes=3),
@@ -74,6 +74,9 @@ STEPS = (
     Step("generalisation", "generalisation", "generalisation.py", ("--results", "{state}"),
          minutes=10),
     Step("selection", "selection", "select_default.py", ("--results", "{state}"), minutes=10,
+         helpers=("generalisation.py",)),
+    Step("selection-per-image", "selection-per-image", "select_default.py",
+         ("--which", "per-image", "--results", "{state}"), minutes=17,
          helpers=("generalisation.py",)),
     Step("thresholds", "thresholds", "thresholds.py", minutes=4),
     Step("speed-a", "speed", "speed.py", ("--parts", "a", "--quiet"), minutes=1,
@@ -139,8 +142,9 @@ def header(checkpoint: str, sha256: str, machines: list[str], stale: list[str],
     checkpoint; ``missing``: sections of :data:`ORDER` not in the file yet."""
     what = ("Measured results of `resend-novelty`: the paper's PACS benchmarks (ReSeND, ECCV "
             "2022, [arXiv:2207.08699](https://arxiv.org/abs/2207.08699): Tables 1-4, in that "
-            "order), then this project's own checks (the generalisation suite, the selection of "
-            "the default scoring, thresholds in the target domain, speed). Each section is "
+            "order), then this project's own checks (the generalisation suite, the selections of "
+            "the default scoring, transductive and per image, thresholds in the target domain, "
+            "speed). Each section is "
             "written by one script under `benchmarks/` and ends with its command and the machine "
             "it ran on. Settings and data layout: [docs/benchmarks.md](docs/benchmarks.md); how "
             "each shipped choice was selected, with dates: "

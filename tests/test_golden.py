@@ -58,6 +58,9 @@ KEY_TOLERANCES = {
     # hidden=512 penultimate layer fitted on 40 images: a near-singular covariance, normalities
     # of order -1e7 in float32 (one ulp is ~1), so a relative tolerance
     "detectors/ft-mahalanobis/": (1e-5, 0.0),
+    # gradient norms of order 10 after 5 training epochs: the rounding of the training differs
+    # between CPUs (4e-7 relative measured on an Intel Xeon against the golden file's machine)
+    "detectors/ft-gradnorm/": (1e-5, 0.0),
     # Gram statistics: float32 feature maps of a real CNN, raised to powers up to 5 (values up
     # to ~1e3; deviation scores of order 10-60)
     "gram/": (1e-5, 1e-4),

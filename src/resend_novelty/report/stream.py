@@ -10,7 +10,8 @@ same over two polls (a file still being copied is left for the next poll).
 
 Per image: an image scored on its own cannot supply the statistics of its domain, so the domain
 normalisation (``center=``) uses the test statistics fixed in the detector (``set_test_mean``)
-or, failing those, the support statistics.
+or, failing those, the support statistics: the detector is then switched to per-image scoring
+(``per_image=True``, with its ``raw_weight``), as ``resend score --per-image``.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _per_image_statistics(detector) -> None:
     """Fix the domain-normalisation statistics for images scored one by one (module doc)."""
     norm = getattr(detector, "normalizer", None)
     if norm is not None and norm.active and norm.test_mean_ is None:
-        norm.test_mean_, norm.test_std_ = norm.support_mean_, norm.support_std_
+        norm.per_image = True  # support statistics, and the detector's raw_weight if any
 
 
 def watch(detector, source: str | os.PathLike | TextIO, csv_path: str | os.PathLike, *,
