@@ -62,8 +62,8 @@ class Step:
 
 
 # the paper's order (Table 1 .. Table 4), then this project's own sections
-ORDER = ("pacs", "paper-table2", "paper-table3", "osdg-pacs", "generalisation", "selection",
-         "selection-per-image", "thresholds", "speed")
+ORDER = ("pacs", "paper-table2", "paper-table3", "osdg-pacs", "generalisation", "shift-gaps",
+         "selection", "selection-per-image", "thresholds", "speed")
 
 STEPS = (
     Step("pacs", "pacs", "pacs.py", minutes=3),
@@ -73,6 +73,7 @@ STEPS = (
          ("--methods", "resend", "cosine", "--detector-backbone", FT), minutes=5),
     Step("generalisation", "generalisation", "generalisation.py", ("--results", "{state}"),
          minutes=10),
+    Step("shift-gaps", "shift-gaps", "shift_gaps.py", minutes=1, helpers=("generalisation.py",)),
     Step("selection", "selection", "select_default.py", ("--results", "{state}"), minutes=10,
          helpers=("generalisation.py",)),
     Step("selection-per-image", "selection-per-image", "select_default.py",

@@ -111,6 +111,7 @@ def test_header_order_and_dropped_sections(bench):
     assert stale.split(".\n")[0].split(", ") == ["paper-table2", "speed"]
     missing = head.split("Not in this file yet (the command below adds them): ")[1]
     assert missing.split(".\n")[0].split(", ") == ["paper-table3", "osdg-pacs", "generalisation",
+                                                    "shift-gaps",
                                                     "selection", "selection-per-image",
                                                     "thresholds"]
     # the paper's order, then the project's; sections not in the list are gone

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import select_default as S  # noqa: E402
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def S(monkeypatch):
+    """The script as a module (benchmark scripts import their siblings by name)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("select_default")
 
 
 def _results(sel, intra: dict, cross: dict, cosine=0.80):
@@ -29,7 +35,7 @@ def _results(sel, intra: dict, cross: dict, cosine=0.80):
     return out
 
 
-def test_per_image_ties_go_to_the_best_cross_domain_margin():
+def test_per_image_ties_go_to_the_best_cross_domain_margin(S):
     sel = S.SELECTIONS["per-image"]
     assert sel.names == ["w0", "w3", "w4", "w5", "w6"] and sel.mode == "P"
     intra = dict(w0=0.820, w3=0.826, w4=0.825, w5=0.822, w6=0.700)
@@ -45,7 +51,7 @@ def test_per_image_ties_go_to_the_best_cross_domain_margin():
     assert "| cell | kind | support / class | unknown share | cosine | w0 (P) | w3 (P) |" in md
 
 
-def test_transductive_ties_go_to_the_trained_normalisation():
+def test_transductive_ties_go_to_the_trained_normalisation(S):
     sel = S.SELECTIONS["transductive"]
     assert sel.names == ["A", "B", "C"] and sel.section == "selection"
     verdicts = S.judge(_results(sel, dict(A=0.85, B=0.862, C=0.864),
@@ -58,7 +64,7 @@ def test_transductive_ties_go_to_the_trained_normalisation():
     assert "select_default.py --data-root ../shared/data`." in md
 
 
-def test_no_eligible_candidate_chooses_none():
+def test_no_eligible_candidate_chooses_none(S):
     sel = S.SELECTIONS["per-image"]
     verdicts = S.judge(_results(sel, {k: 0.7 for k in sel.names},
                                 {k: 0.9 for k in sel.names}), sel)

@@ -103,9 +103,13 @@ def input_features(
                 out.append(torch.cat([net(xi).float() for net in nets], dim=1).cpu())
         return InputFeatures(check_features(torch.cat(out), desc))
     if isinstance(x, (list, tuple)) and x and hasattr(x[0], "convert"):  # PIL images
-        t = backbone.transform
-        return input_features(torch.stack([t(im.convert("RGB")) for im in x]), backbone,
-                              desc=desc, extra=extra, **kw)
+        # each network with its own preprocessing: an ensemble's members one by one (as
+        # extract_features concatenates them), then the extra backbones
+        nets = list(getattr(backbone, "members", [backbone])) + [b for b, _ in extra]
+        rgb = [im.convert("RGB") for im in x]
+        return InputFeatures(torch.cat([input_features(
+            torch.stack([net.transform(im) for im in rgb]), net, desc=desc, **kw).features
+            for net in nets], dim=1))
     if isinstance(x, (list, tuple, np.ndarray)):
         return InputFeatures(from_paths([str(p) for p in x]))
     if isinstance(x, (str, os.PathLike)):  # a path that is not a folder
