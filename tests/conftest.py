@@ -28,6 +28,28 @@ def make_image(path: Path, color, size=(40, 32), mode="RGB", fmt=None, noise_see
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
+def eval_cli_error(tmp_path: Path, capsys, *extra: str) -> str:
+    """Run ``resend eval`` with the tiny test backbone on a 2-class list of generated images
+    plus ``extra`` options; assert it is a user error (exit 2, one line, no traceback) and
+    return the line."""
+    from resend_novelty.cli.main import main
+
+    root = tmp_path / "data"
+    lines = []
+    for label, c in enumerate(list(COLORS)[:2]):
+        for i in range(2):
+            make_image(root / f"{c}/{i}.png", COLORS[c], noise_seed=i)
+            lines.append(f"{c}/{i}.png {label}\n")
+    (tmp_path / "list.txt").write_text("".join(lines))
+    lst = str(tmp_path / "list.txt")
+    rc = main(["eval", "--root", str(root), "--support", lst, "--test", lst, "--workers", "0",
+               "--quiet", "--device", "cpu", "--backbone", "tiny_test_cnn", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.startswith("resend eval: error:") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
 @pytest.fixture
 def class_folders(tmp_path) -> Path:
     """tmp/support/<red|green|blue>/*.png (4 each) and tmp/test/<red|green|blue|yellow>/*.png."""
@@ -131,5 +153,26 @@ def spread_model():
             for p in m.parameters():
                 p.add_(torch.randn_like(p) * 0.3)
         return m.eval()
+
+    return build
+
+
+@pytest.fixture(params=["cosine", "resend", "resend-neighbors", "resend-candidates"])
+def make_case(request, spread_model):
+    """``make_case(**kw)``: an unfitted detector (backbone=None) of each case: cosine, ReSeND
+    with one prototype per class, with the candidate shortcut (2 of 3 classes), with k-NN
+    support references."""
+    from resend_novelty.detectors import CosineDetector, ReSeNDDetector
+
+    model = spread_model(cosine_skip=True, input_norm="l2")
+
+    def build(**kw):
+        kw = {"backbone": None, "progress": False, **kw}
+        if request.param == "cosine":
+            return CosineDetector(**kw)
+        extra = {"resend": dict(neighbors=0),
+                 "resend-candidates": dict(neighbors=0, normality="max-logit", candidates=2),
+                 "resend-neighbors": dict(neighbors=3, neighbor_weight=0.5)}[request.param]
+        return ReSeNDDetector(model=model, **extra, **kw)
 
     return build

@@ -1,6 +1,7 @@
 """The raw weight of per-image scoring (raw_weight=..., --raw-weight): with one support domain,
 a test image scored alone gets (1 - w) x its normality on the support-normalised features +
-w x its normality on the unnormalised features."""
+w x its normality on the unnormalised features. The CLI option (--raw-weight) is tested with
+--shift-threshold in test_shift_gate_detectors.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import COLORS, make_image
-from resend_novelty.cli.main import build_parser, main
 from resend_novelty.detectors import (CosineDetector, KNNDetector, MahalanobisDetector,
                                       ReSeNDDetector, load_detector, read_detector_metadata,
                                       save_detector)
@@ -32,21 +31,11 @@ def _data(seed=0):
     return sup, np.repeat(np.arange(3), 8), test + torch.rand(D, generator=g) * 3
 
 
-@pytest.fixture(params=["cosine", "resend", "resend-neighbors", "resend-candidates"])
-def make(request, spread_model):
-    """``make(**kw)``: an unfitted per-image detector of the case (backbone=None)."""
-    model = spread_model(cosine_skip=True, input_norm="l2")
-
-    def build(**kw):
-        kw = {**dict(backbone=None, progress=False, center="standardize", per_image=True), **kw}
-        if request.param == "cosine":
-            return CosineDetector(**kw)
-        extra = {"resend": dict(neighbors=0),  # candidates=2 of 3 classes: the shortcut path
-                 "resend-candidates": dict(neighbors=0, normality="max-logit", candidates=2),
-                 "resend-neighbors": dict(neighbors=3, neighbor_weight=0.5)}[request.param]
-        return ReSeNDDetector(model=model, **extra, **kw)
-
-    return build
+@pytest.fixture
+def make(make_case):
+    """``make(**kw)``: an unfitted per-image detector of the case, standardising
+    (tests/conftest.py)."""
+    return lambda **kw: make_case(**{"center": "standardize", "per_image": True, **kw})
 
 
 def test_scores_are_the_mix_of_the_normalised_and_the_raw_detector(make):
@@ -163,43 +152,3 @@ def test_resend_takes_the_checkpoints_weight_unless_given(spread_model):
     model.scoring = dataclasses.replace(model.scoring, raw_weight=0.5)
     assert ReSeNDDetector(model=model, backbone=None).raw_weight == 0.5
     assert ReSeNDDetector(model=model, backbone=None, raw_weight=0).raw_weight == 0.0
-
-
-def _args(*extra):
-    return build_parser().parse_args(["eval", "--root", "r", "--support", "s", "--test", "t",
-                                      "--quiet", "--no-cache", "--device", "cpu", *extra])
-
-
-def test_cli_raw_weight_reaches_the_detector(tiny_registered, spread_model, tmp_path):
-    from resend_novelty.cli.common import detector_factory
-
-    bb = ["--backbone", "tiny_test_cnn"]
-    made = detector_factory(_args("--method", "cosine-standardized", *bb, "--per-image",
-                                  "--raw-weight", "0.3"))()
-    assert made.raw_weight == 0.3 and made.per_image
-    assert detector_factory(_args("--method", "euclidean", *bb))().raw_weight == 0.0
-    model = spread_model(backbone="tiny_test_cnn", input_norm="l2")
-    model.scoring = dataclasses.replace(model.scoring, raw_weight=0.5)
-    save_checkpoint(model, tmp_path / "c.safetensors")
-    resend = ["--method", "resend", "--model", str(tmp_path / "c.safetensors")]
-    assert detector_factory(_args(*resend))().raw_weight == 0.5  # the checkpoint's
-    assert detector_factory(_args(*resend, "--raw-weight", "0"))().raw_weight == 0.0
-
-
-@pytest.mark.parametrize("extra,match", [
-    (["--method", "knn", "--raw-weight", "0.2"], "knn detector does not support raw_weight"),
-    (["--method", "cosine", "--raw-weight", "2"], "raw_weight must be a number")])
-def test_cli_misuse_exits_2_without_traceback(extra, match, tiny_registered, tmp_path, capsys):
-    root = tmp_path / "data"
-    lines = []
-    for label, c in enumerate(list(COLORS)[:2]):
-        for i in range(2):
-            make_image(root / f"{c}/{i}.png", COLORS[c], noise_seed=i)
-            lines.append(f"{c}/{i}.png {label}\n")
-    (tmp_path / "list.txt").write_text("".join(lines))
-    lst = str(tmp_path / "list.txt")
-    rc = main(["eval", "--root", str(root), "--support", lst, "--test", lst, "--workers", "0",
-               "--quiet", "--device", "cpu", "--backbone", "tiny_test_cnn", *extra])
-    err = capsys.readouterr().err
-    assert rc == 2 and match in err and "Traceback" not in err, err
-    assert err.startswith("resend eval: error:") and len(err.strip().splitlines()) == 1

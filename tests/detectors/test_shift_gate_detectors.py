@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import COLORS, make_image
-from resend_novelty.cli.main import build_parser, main
+from conftest import eval_cli_error
+from resend_novelty.cli.main import build_parser
 from resend_novelty.detectors import (CosineDetector, EuclideanDetector, KNNDetector,
                                       MahalanobisDetector, ReSeNDDetector, load_detector,
                                       read_detector_metadata, save_detector)
@@ -34,21 +34,10 @@ def _data(seed=0):
     return sup, np.repeat(np.arange(3), 8), test, far
 
 
-@pytest.fixture(params=["cosine", "resend", "resend-neighbors", "resend-candidates"])
-def make(request, spread_model):
-    """``make(**kw)``: an unfitted detector of the case (backbone=None)."""
-    model = spread_model(cosine_skip=True, input_norm="l2")
-
-    def build(**kw):
-        kw = dict(backbone=None, progress=False, **kw)
-        if request.param == "cosine":
-            return CosineDetector(**kw)
-        extra = {"resend": dict(neighbors=0),  # candidates=2 of 3 classes: the shortcut path
-                 "resend-candidates": dict(neighbors=0, normality="max-logit", candidates=2),
-                 "resend-neighbors": dict(neighbors=3, neighbor_weight=0.5)}[request.param]
-        return ReSeNDDetector(model=model, **extra, **kw)
-
-    return build
+@pytest.fixture
+def make(make_case):
+    """``make(**kw)``: an unfitted detector of the case (tests/conftest.py)."""
+    return make_case
 
 
 def test_closed_gate_equals_a_detector_fitted_on_pooled_statistics(make):
@@ -225,37 +214,31 @@ def _args(*extra):
                                       "--quiet", "--no-cache", "--device", "cpu", *extra])
 
 
-def test_cli_shift_threshold_reaches_the_detector(tiny_registered, spread_model, tmp_path):
+@pytest.mark.parametrize("option,extra", [("shift_threshold", ()),
+                                           ("raw_weight", ("--per-image",))])
+def test_cli_scoring_option_reaches_the_detector(option, extra, tiny_registered, spread_model,
+                                                 tmp_path):
+    """--shift-threshold and --raw-weight (tests/detectors/test_raw_weight.py): given, or the
+    checkpoint's for resend, 0 for the other methods."""
     from resend_novelty.cli.common import detector_factory
 
-    bb = ["--backbone", "tiny_test_cnn"]
-    made = detector_factory(_args("--method", "cosine-standardized", *bb,
-                                  "--shift-threshold", "0.2"))()
-    assert type(made).__name__ == "StandardizedCosineDetector" and made.shift_threshold == 0.2
-    assert detector_factory(_args("--method", "euclidean", *bb))().shift_threshold == 0.0
+    flag, bb = "--" + option.replace("_", "-"), ["--backbone", "tiny_test_cnn"]
+    made = detector_factory(_args("--method", "cosine-standardized", *bb, *extra, flag, "0.2"))()
+    assert type(made).__name__ == "StandardizedCosineDetector" and getattr(made, option) == 0.2
+    assert getattr(detector_factory(_args("--method", "euclidean", *bb))(), option) == 0.0
     model = spread_model(backbone="tiny_test_cnn", input_norm="l2")
-    model.scoring = dataclasses.replace(model.scoring, shift_threshold=0.3)
+    model.scoring = dataclasses.replace(model.scoring, **{option: 0.3})
     save_checkpoint(model, tmp_path / "c.safetensors")
-    resend = ["--method", "resend", "--model", str(tmp_path / "c.safetensors")]
-    assert detector_factory(_args(*resend))().shift_threshold == 0.3  # the checkpoint's
-    assert detector_factory(_args(*resend, "--shift-threshold", "0"))().shift_threshold == 0.0
-    assert detector_factory(_args(*resend, "--shift-threshold", "0.05"))().shift_threshold == 0.05
+    resend = ["--method", "resend", "--model", str(tmp_path / "c.safetensors"), *extra]
+    assert getattr(detector_factory(_args(*resend))(), option) == 0.3  # the checkpoint's
+    assert getattr(detector_factory(_args(*resend, flag, "0"))(), option) == 0.0
+    assert getattr(detector_factory(_args(*resend, flag, "0.05"))(), option) == 0.05
 
 
 @pytest.mark.parametrize("extra,match", [
     (["--method", "knn", "--shift-threshold", "0.2"], "knn detector does not support the shift"),
-    (["--method", "cosine", "--shift-threshold", "3"], "shift_threshold must be a number")])
+    (["--method", "cosine", "--shift-threshold", "3"], "shift_threshold must be a number"),
+    (["--method", "knn", "--raw-weight", "0.2"], "knn detector does not support raw_weight"),
+    (["--method", "cosine", "--raw-weight", "2"], "raw_weight must be a number")])
 def test_cli_misuse_exits_2_without_traceback(extra, match, tiny_registered, tmp_path, capsys):
-    root = tmp_path / "data"
-    lines = []
-    for label, c in enumerate(list(COLORS)[:2]):
-        for i in range(2):
-            make_image(root / f"{c}/{i}.png", COLORS[c], noise_seed=i)
-            lines.append(f"{c}/{i}.png {label}\n")
-    (tmp_path / "list.txt").write_text("".join(lines))
-    lst = str(tmp_path / "list.txt")
-    rc = main(["eval", "--root", str(root), "--support", lst, "--test", lst, "--workers", "0",
-               "--quiet", "--device", "cpu", "--backbone", "tiny_test_cnn", *extra])
-    err = capsys.readouterr().err
-    assert rc == 2 and match in err and "Traceback" not in err, err
-    assert err.startswith("resend eval: error:") and len(err.strip().splitlines()) == 1
+    assert match in eval_cli_error(tmp_path, capsys, *extra)
