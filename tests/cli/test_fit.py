@@ -194,3 +194,29 @@ def test_per_image_applies_to_a_detector_file(class_folders, tiny_registered, tm
     # transductive (the default) uses the statistics of the test images scored together
     assert [float(r["normality"]) for r in c] != pytest.approx(
         [float(r["normality"]) for r in a], abs=1e-6)
+
+
+def test_raw_weight_reaches_scores_csv_and_detector_files(class_folders, tiny_registered,
+                                                           tmp_path, capsys):
+    """`--per-image --raw-weight W`: the same scores from the folders and from a detector file
+    fitted with it; the summary says so; W = 0 gives other scores."""
+    opts = ["--method", "cosine-standardized", "--backbone", "tiny_test_cnn"]
+    sup, test = class_folders / "support", class_folders / "test"
+    runs = {}
+    for name, w in (("mix", "0.5"), ("off", "0")):
+        rc, out, err = _cli(capsys, "score", "--support", sup, "--test", test, "--out",
+                            tmp_path / name, "--tpr", "0.9", "--no-plots", "--per-image",
+                            "--raw-weight", w, *opts)
+        assert rc == 0, err
+        runs[name] = [float(r["normality"]) for r in _rows(tmp_path / name / "scores.csv")]
+        assert ("raw weight 0.5" in out) == (name == "mix"), out
+    assert runs["mix"] != pytest.approx(runs["off"], abs=1e-6)
+    det = tmp_path / "d.safetensors"
+    rc, _, err = _cli(capsys, "fit", "--support", sup, "--out", det, "--tpr", "0.9",
+                      "--raw-weight", "0.5", *opts)
+    assert rc == 0, err
+    rc, out, err = _cli(capsys, "score", "--detector", det, "--test", test, "--out",
+                        tmp_path / "file", "--no-plots", "--per-image")
+    assert rc == 0 and "raw weight 0.5" in out, err
+    got = [float(r["normality"]) for r in _rows(tmp_path / "file" / "scores.csv")]
+    assert got == pytest.approx(runs["mix"], abs=1e-6)

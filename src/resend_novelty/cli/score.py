@@ -167,8 +167,14 @@ def run(args) -> int:
           f"({', '.join(map(printable, result.class_names))}), threshold {result.threshold:.4g} "
           f"({how})")
     print(f"{n} test images: {n - n_unk} known, {n_unk} flagged unknown")
-    print("scoring: " + ("per image (support statistics only)" if getattr(det, "per_image", False)
-                         else "transductive (test statistics from the images scored together)"))
+    if getattr(det, "hedged", False):
+        mode = (f"per image (support statistics only; raw weight {det.raw_weight:g}: that share "
+                "of the score from unnormalised features)")
+    elif getattr(det, "per_image", False):
+        mode = "per image (support statistics only)"
+    else:
+        mode = "transductive (test statistics from the images scored together)"
+    print("scoring: " + mode)
     m = result.metrics()
     if m is not None:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
