@@ -4,13 +4,11 @@ integrity check, refusals and the fast decoding path."""
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import make_image
 from resend_novelty.backbones import BackboneEnsemble, Preprocessing, build_backbone
