@@ -40,9 +40,8 @@ class LeaveOneOutCalibration:
         u, used = self.loo_similarities_features(features, labels, block)
         scores = self.normality_from_similarities(u[torch.as_tensor(used)]).numpy()
         if self.hedged:  # the raw view's leave-one-out scores of the same rows
-            w = self.raw_weight
-            scores = (1 - w) * scores + w * self._raw_view().loo_scores_features(
-                features, labels, block)[0]
+            scores = self._mix_raw(scores, self._raw_view().loo_scores_features(
+                features, labels, block)[0])
         return scores, used
 
     def _loo_index(self, features, labels) -> tuple[torch.Tensor, np.ndarray]:

@@ -197,8 +197,9 @@ def load_detector(path: str | os.PathLike, *, model=None, backbone=None, device=
             f"{path} was fitted with other {want['name']} backbone weights (sha256 "
             f"{want['sha256'][:12]}..., this installation's {state_sha256(bb)[:12]}...)")
     # files written before the shift gate / the raw weight existed were scored without them
-    kwargs = dict({"shift_threshold": 0.0, "raw_weight": 0.0}, **meta["options"], backbone=bb, device=device,
-                  cache=cache, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    kwargs = dict({"shift_threshold": 0.0, "raw_weight": 0.0}, **meta["options"], backbone=bb,
+                  device=device, cache=cache, batch_size=batch_size, num_workers=num_workers,
+                  progress=progress)
     if method == "resend":
         kwargs["model"] = _load_model(path, meta["checkpoint"], model)
     det = DETECTORS[method](**kwargs)

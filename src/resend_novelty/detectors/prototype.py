@@ -51,7 +51,7 @@ class PrototypeDetector(LeaveOneOutCalibration, Detector):
     batch whose support-test gap (:func:`~resend_novelty.transforms.shift_gap`) is at most the
     threshold is normalised, with the support, by the statistics of support and test together:
     the prototypes and support references are normalised again with them for that batch (a
-    copy of the detector, :meth:`_pooled_view`); above it, per-domain statistics as without the
+    copy of the detector, :meth:`_view_on`); above it, per-domain statistics as without the
     gate. Needs one support domain (no ``domains=`` at fit); no effect with ``per_image``.
     ``raw_weight`` (not in the paper; default 0 = off; same detectors as the shift gate): with
     ``per_image`` and one support domain, the normality is ``(1 - w)`` x the normality on the
@@ -74,7 +74,8 @@ class PrototypeDetector(LeaveOneOutCalibration, Detector):
     # the refined prototypes are unit vectors
     supports_refinement = False
     # detectors whose fitted state is rebuilt from support_features_ / prototypes_ by
-    # _restore_fitted, so that a pooled copy can be derived (shift_threshold > 0)
+    # _restore_fitted, so that a copy on other support rows can be derived (_view_on:
+    # shift_threshold > 0, raw_weight > 0)
     supports_shift_gate = False
 
     def __init__(
@@ -98,14 +99,13 @@ class PrototypeDetector(LeaveOneOutCalibration, Detector):
         self.engine = engine  # inference engine of image inputs: "auto", "onnx" or "torch"
         self.normalizer = DomainNormalizer(as_mode(center), int(min_center_batch),
                                            per_image=per_image, shift_threshold=shift_threshold)
-        if self.normalizer.shift_threshold > 0 and not self.supports_shift_gate:
-            raise ValueError(f"the {self.name} detector does not support the shift gate "
-                             "(shift_threshold > 0): its fitted state is not rebuilt from the "
-                             "support features")
         self.raw_weight = check_raw_weight(raw_weight)
-        if self.raw_weight > 0 and not self.supports_shift_gate:
-            raise ValueError(f"the {self.name} detector does not support raw_weight > 0: its "
-                             "fitted state is not rebuilt from the support features")
+        for option, used in (("the shift gate (shift_threshold > 0)",
+                              self.normalizer.shift_threshold > 0),
+                             ("raw_weight > 0", self.raw_weight > 0)):
+            if used and not self.supports_shift_gate:  # both score a copy: _view_on
+                raise ValueError(f"the {self.name} detector does not support {option}: its "
+                                 "fitted state is not rebuilt from the support features")
         self.refiner = self._make_refiner(refine, refine_fraction, refine_keep)
         super().__init__(backbone, device, cache, batch_size, num_workers, progress)
         self.test_prototypes_ = None
@@ -281,15 +281,19 @@ class PrototypeDetector(LeaveOneOutCalibration, Detector):
             return normalize(features, n.test_mean_, n.test_std_), self._fixed_view
         support = n.support_features(self.support_features_)
         mean, std = n.pooled_statistics(features, support)
-        view = self._pooled_view(normalize(support, mean, std))
+        view = self._view_on(normalize(support, mean, std))
         if fixed:
             self._fixed_view = view
         return normalize(features, mean, std), view
 
-    def _pooled_view(self, support: torch.Tensor) -> "PrototypeDetector":
-        """A copy of this detector fitted on ``support`` (the support features normalised with
-        pooled statistics): same classes, rows and options; its own references."""
+    def _view_on(self, support: torch.Tensor,
+                 normalizer: DomainNormalizer | None = None) -> "PrototypeDetector":
+        """A copy of this detector fitted on ``support`` (the support rows, normalised as the
+        copy scores: with pooled statistics for the shift gate, raw for the raw view): same
+        classes, rows and options, its own references; ``normalizer`` replaces this one's."""
         view = copy.copy(self)
+        if normalizer is not None:
+            view.normalizer = normalizer
         view.support_features_ = support
         idx = torch.as_tensor(self.support_index_)
         view.prototypes_, _ = class_means(support, idx, len(self.classes_))
@@ -310,12 +314,14 @@ class PrototypeDetector(LeaveOneOutCalibration, Detector):
     def _raw_view(self) -> "PrototypeDetector":
         """A copy of this detector fitted on the unnormalised support (no domain normalisation,
         its own references), built once per fit."""
-        if self._raw is None:
-            view = self._pooled_view(self.normalizer.support_features(self.support_features_))
-            view.normalizer = DomainNormalizer("none", per_image=True)
-            view.raw_weight = 0.0
-            self._raw = view
+        if self._raw is None:  # not hedged itself: its normaliser is inactive
+            self._raw = self._view_on(self.normalizer.support_features(self.support_features_),
+                                      DomainNormalizer("none", per_image=True))
         return self._raw
+
+    def _mix_raw(self, normality, raw_normality):
+        """The hedged normality: ``(1 - raw_weight)`` x normalised + ``raw_weight`` x raw."""
+        return (1 - self.raw_weight) * normality + self.raw_weight * raw_normality
 
     def prepare_features(self, features) -> torch.Tensor:
         """Test features as the similarities see them: checked against the fitted prototypes,
@@ -408,9 +414,8 @@ class PrototypeDetector(LeaveOneOutCalibration, Detector):
         normality = self.normality_from_similarities(u)
         if self.hedged:
             raw = self._raw_view()
-            w = self.raw_weight
-            normality = (1 - w) * normality + w * raw.normality_from_similarities(
-                raw._test_similarities(features))
+            normality = self._mix_raw(normality, raw.normality_from_similarities(
+                raw._test_similarities(features)))
         return normality.numpy(), u
 
     def score_features(self, features) -> np.ndarray:

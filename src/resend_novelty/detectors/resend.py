@@ -92,7 +92,7 @@ class ReSeNDDetector(PrototypeDetector):
         kwargs.setdefault("backbone", self.model.config.backbone)
         kwargs["shift_threshold"] = (self.model.scoring.shift_threshold
                                      if shift_threshold is None else shift_threshold)
-        kwargs["raw_weight"] = (getattr(self.model.scoring, "raw_weight", 0.0)
+        kwargs["raw_weight"] = (self.model.scoring.raw_weight
                                 if raw_weight is None else raw_weight)
         super().__init__(**kwargs)
         bb = kwargs["backbone"]

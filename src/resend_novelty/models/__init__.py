@@ -22,13 +22,13 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import (
-    check_raw_weight,
-    check_shift_threshold,
     ARCHS,
     NORMALITIES,
     SCORING_KEYS,
     RelationalConfig,
     ScoringConfig,
+    check_raw_weight,
+    check_shift_threshold,
     resolve_configs,
     split_config,
 )
@@ -37,9 +37,7 @@ from .relational import RelationalModule
 
 __all__ = [
     "ARCHS", "NORMALITIES", "SCORING_KEYS", "RelationalConfig", "ScoringConfig", "split_config",
-    "check_raw_weight",
-    "check_shift_threshold",
-    "resolve_configs", "Attention", "TransformerBlock", "short_attention", "sdpa_attention",
+    "check_raw_weight", "check_shift_threshold", "resolve_configs", "Attention", "TransformerBlock", "short_attention", "sdpa_attention",
     "RelationalModule", "AggregationModule", "mlp_width", "transformer_relation_params",
     "ARCH_CLASSES", "build_relational", "FORMAT", "SHIPPED_NAME", "CheckpointError",
     "default_checkpoint_path", "load_checkpoint", "read_metadata", "save_checkpoint",

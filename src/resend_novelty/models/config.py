@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["ARCHS", "NORMALITIES", "SCORING_KEYS", "check_raw_weight", "check_shift_threshold", "RelationalConfig", "ScoringConfig",
-           "split_config", "resolve_configs"]
+__all__ = ["ARCHS", "NORMALITIES", "SCORING_KEYS", "check_raw_weight", "check_shift_threshold",
+           "RelationalConfig", "ScoringConfig", "split_config", "resolve_configs"]
 
 # "transformer": the paper's relational module; the others are the ablations of the paper's
 # Table 5 (hand-designed aggregation of the two tokens + MLP, resend_novelty.models.aggregation)
@@ -25,19 +25,22 @@ ARCHS = ("transformer", "max", "sum", "concat")
 NORMALITIES = ("softmax", "max-logit")
 
 
+def _check_number(name: str, v, high: float) -> float:
+    """``v`` as a float if it is a number in [0, ``high``] (0 = off); else an error naming it."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= high:
+        raise ValueError(f"{name} must be a number in [0, {high:g}] (0 = off), got {v!r}")
+    return float(v)
+
+
 def check_raw_weight(w) -> float:
     """``w`` as a float in [0, 1]: the weight of the unnormalised features in per-image scoring
     (:attr:`ScoringConfig.raw_weight`); anything else is an error naming the value."""
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= float(w) <= 1.0:
-        raise ValueError(f"raw_weight must be a number in [0, 1] (0 = off), got {w!r}")
-    return float(w)
+    return _check_number("raw_weight", w, 1.0)
 
 
 def check_shift_threshold(t) -> float:
     """``t`` as a float if it is a valid shift-gate threshold (a number in [0, 2]; 0 = off)."""
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 2.0:
-        raise ValueError(f"shift_threshold must be a number in [0, 2] (0 = off), got {t!r}")
-    return float(t)
+    return _check_number("shift_threshold", t, 2.0)
 
 
 def _from_dict(cls, d: dict, what: str):

@@ -72,7 +72,8 @@ def _folder_images(folder: Path) -> list[str]:
 
 
 def _per_image_statistics(detector) -> None:
-    """Fix the domain-normalisation statistics for images scored one by one (module doc)."""
+    """Score images one by one with the fixed test statistics or, failing those, per image
+    (module doc)."""
     norm = getattr(detector, "normalizer", None)
     if norm is not None and norm.active and norm.test_mean_ is None:
         norm.per_image = True  # support statistics, and the detector's raw_weight if any
