@@ -130,4 +130,7 @@ def test_resend_checkpoint_is_checked(class_folders, tiny_registered, tmp_path):
                                               backbone="tiny_test_cnn"))
     with pytest.raises(DetectorFileError, match="another relational checkpoint"):
         load_detector(path, model=other)
-    assert json.loads(json.dumps(read_detector_metadata(path)["options"]))["neighbors"] == 0
+    meta = read_detector_metadata(path)
+    # options as given to the constructor (None: the checkpoint's own, bound by its SHA-256)
+    assert "neighbors" in meta["options"] and meta["options"]["neighbors"] is None
+    assert meta["policy"]["mode"] == "transductive"

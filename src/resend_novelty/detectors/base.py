@@ -21,6 +21,8 @@ A method implements ``fit_features``, ``score_features`` and ``nearest_class_fea
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from typing import Sequence
 
@@ -31,7 +33,7 @@ from ..backbones import Backbone, build_backbone
 from ..features import (FeatureCache, InputFeatures, check_features, default_device,
                         input_features)
 
-__all__ = ["UNKNOWN", "Detector", "fit_support"]
+__all__ = ["UNKNOWN", "Detector", "fit_support", "clone"]
 
 UNKNOWN = -1
 
@@ -45,13 +47,96 @@ def fit_support(detector, features, labels, domains=None):
     return detector.fit_features(features, labels, domains=domains)
 
 
+def clone(detector: "Detector") -> "Detector":
+    """A new, unfitted detector with the same constructor parameters (scikit-learn's ``clone``
+    works too: :meth:`Detector.get_params` follows its rules)."""
+    return type(detector)(**detector.get_params())
+
+
+def _recording_init(init):
+    """Wrap a detector ``__init__`` so that the outermost call records its arguments (defaults
+    applied, ``**kwargs`` flattened) in ``_params``: what :meth:`Detector.get_params` returns."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        if "_params" in self.__dict__:  # a super().__init__ call: the outer one recorded
+            return init(self, *args, **kwargs)
+        bound = inspect.signature(init).bind(self, *args, **kwargs)
+        params = {}
+        for name, value in bound.arguments.items():
+            kind = inspect.signature(init).parameters[name].kind
+            if name == "self":
+                continue
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                params.update(value)
+            elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                params[name] = value
+        self.__dict__["_params"] = params
+        try:
+            return init(self, *args, **kwargs)
+        except BaseException:
+            self.__dict__.pop("_params", None)
+            raise
+
+    wrapper._records_params = True
+    return wrapper
+
+
 class Detector:
     """Abstract novelty detector: fit on a labelled support set, score the normality of tests.
 
     Subclasses implement :meth:`fit_features`, :meth:`score_features` and
     :meth:`nearest_class_features`; ``name`` is the registry name, ``description`` one line for
     the command-line help.
+
+    Estimator conventions (scikit-learn's): :meth:`get_params` / :meth:`set_params` give and
+    change the constructor parameters (:func:`clone` builds an unfitted copy), fitted
+    attributes end in ``_``; :meth:`score_samples` is :meth:`score`, :meth:`decision_function`
+    the normality minus the threshold (negative = flagged unknown).
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_records_params", False):
+            cls.__init__ = _recording_init(init)
+
+    # ----------------------------------------------------------------- parameters
+    @classmethod
+    def _param_defaults(cls) -> dict:
+        """Every constructor parameter of the class and its bases with its default (the most
+        derived class's default wins)."""
+        out: dict = {}
+        for klass in reversed(cls.__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for name, p in inspect.signature(inspect.unwrap(init)).parameters.items():
+                if name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    continue
+                out[name] = None if p.default is inspect.Parameter.empty else p.default
+        return out
+
+    def get_params(self, deep: bool = False) -> dict:
+        """The constructor parameters of this detector, as given (defaults where not given)."""
+        params = self._param_defaults()
+        params.update(self.__dict__.get("_params", {}))
+        return params
+
+    def set_params(self, **params) -> "Detector":
+        """Change constructor parameters (checked as by the constructor). The fitted state is
+        dropped: fit again."""
+        valid = self._param_defaults()
+        bad = sorted(set(params) - set(valid))
+        if bad:
+            raise ValueError(f"invalid parameter(s) {bad} for {type(self).__name__}; valid: "
+                             f"{sorted(valid)}")
+        merged = {**self.get_params(), **params}
+        for name in [k for k in self.__dict__ if k.endswith("_") and not k.startswith("_")]:
+            del self.__dict__[name]
+        self.__dict__.pop("_params", None)
+        self.__init__(**merged)
+        return self
 
     name = "detector"
     description = ""
@@ -176,6 +261,25 @@ class Detector:
         """Normality of each test input: higher = more likely one of the known classes."""
         return self.score_features(self.features(x, desc="test features")[0])
 
+    def score_samples(self, x) -> np.ndarray:
+        """scikit-learn's name of :meth:`score` (the normality; higher = more likely known)."""
+        return self.score(x)
+
+    def threshold_for_features(self, features) -> float:
+        """The threshold the decision on these test features uses: ``threshold_`` (a method
+        whose threshold depends on the images scored together overrides this)."""
+        return self._threshold(None)
+
+    def decision_function_features(self, features) -> np.ndarray:
+        """Normality minus the threshold: >= 0 accepted as known, < 0 flagged unknown."""
+        threshold = self.threshold_for_features(features)
+        return self.score_features(features) - threshold
+
+    def decision_function(self, x) -> np.ndarray:
+        """Normality minus the threshold of each test input (< 0: flagged unknown)."""
+        self._threshold(None)  # fail before extracting features
+        return self.decision_function_features(self.features(x, desc="test features")[0])
+
     def _threshold(self, threshold: float | None) -> float:
         if threshold is not None:
             return float(threshold)
@@ -185,15 +289,33 @@ class Detector:
             )
         return float(self.threshold_)
 
-    def predict_features(self, features, threshold: float | None = None) -> np.ndarray:
+    def predict_features(self, features, threshold: float | None = None,
+                         names: bool = False) -> np.ndarray:
         """Nearest known class, or ``UNKNOWN`` (-1) where the normality is below ``threshold``.
 
-        ``threshold=None`` uses ``threshold_`` (set by ``calibrate``; error if there is none).
+        ``threshold=None`` uses the calibrated threshold (:meth:`threshold_for_features`; error
+        if there is none). ``names=True``: class names (``class_names_``) and ``"unknown"``
+        instead of class ids and -1.
         """
-        threshold = self._threshold(threshold)
+        if threshold is None:
+            threshold = self.threshold_for_features(features)
         normality, pred = self.score_and_nearest_features(features)
-        return np.where(normality >= threshold, pred, UNKNOWN)
+        out = np.where(normality >= float(threshold), pred, UNKNOWN)
+        if not names:
+            return out
+        lookup = dict(zip(np.asarray(self.classes_).tolist(), self.class_names))
+        return np.array([lookup.get(int(p), "unknown") if p != UNKNOWN else "unknown"
+                         for p in out], dtype=object)
 
-    def predict(self, x, threshold: float | None = None) -> np.ndarray:
-        threshold = self._threshold(threshold)  # fail before extracting features
-        return self.predict_features(self.features(x, desc="test features")[0], threshold)
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the known classes (``class_names_`` where set, else the class ids)."""
+        names = getattr(self, "class_names_", None)
+        return list(names) if names is not None else [str(c) for c in self.classes_]
+
+    def predict(self, x, threshold: float | None = None, names: bool = False) -> np.ndarray:
+        """:meth:`predict_features` of the features of ``x``."""
+        if threshold is None:
+            self._threshold(None)  # fail before extracting features
+        return self.predict_features(self.features(x, desc="test features")[0], threshold,
+                                     names=names)

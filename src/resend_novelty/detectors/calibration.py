@@ -1,11 +1,32 @@
-"""Threshold calibration of prototype detectors without unknown samples: support leave-one-out.
+"""Threshold calibration of prototype detectors without unknown samples: support leave-one-out,
+scored as the test images will be.
 
-Each support image is scored *leave-one-out* - the prototype of its own class is recomputed
-without it, the other prototypes are unchanged - so it is scored like an unseen image of a known
-class (:func:`~resend_novelty.detectors.loo.leave_one_out_similarities`). The threshold is the
-``ceil(tpr * m)``-th largest of the ``m`` LOO scores: at least a fraction ``tpr`` of the support
-images would be accepted as known. Images of classes with a single support image cannot be left
-out (their class would have no prototype): they are skipped with a warning naming the class.
+A threshold keeps its promise ("accept a fraction ``tpr`` of the known images") only if the
+support scores it is read from are distributed like the scores of new images of the known
+classes. So each support image is scored as a *new* image: by a copy of the detector fitted on
+the support without it (its class prototype, its neighbours, the normalisation statistics and
+the raw view all recomputed without it), in the scoring policy that will be used
+(:func:`policy_loo_scores`):
+
+- **per image**: the copy scores the left-out image per image (support statistics, the raw
+  weight mixed in), as a test image is scored;
+- **transductive**: the left-out image is normalised as a test image of its batch would be:
+  with the statistics pooled over the support and the test batch when the shift gate pools
+  that batch (:meth:`~resend_novelty.detectors.PrototypeDetector.threshold_for_features`
+  recomputes the threshold for it), else with the support's own statistics.
+
+The threshold is the ``ceil(tpr * m)``-th largest of the ``m`` left-out scores. Images of
+classes with a single support image cannot be left out (their class would have no prototype):
+they are skipped with a warning naming the class. Large supports are subsampled
+(``max_images`` left-out images, stratified, seeded) and left out in at most ``max_refits``
+groups that take at most one image of a class where they can (a group's images are scored by
+one copy); a support of at most ``max_refits`` eligible images is left out one image at a time.
+
+The earlier rule, kept as :meth:`LeaveOneOutCalibration.loo_scores_features`, recomputed only the
+own class prototype and kept the normalisation statistics of the full support: in the
+per-image policy every support image then sits inside the statistics it is standardised with,
+and thresholds came out too lenient on intra-domain data (BENCHMARKS.md, *Thresholds that keep
+their promise*).
 """
 
 from __future__ import annotations
@@ -16,11 +37,86 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..transforms import normalize
 from .loo import leave_one_out_similarities
 
-__all__ = ["LeaveOneOutCalibration"]
+__all__ = ["LeaveOneOutCalibration", "policy_loo_scores", "threshold_at_recall",
+           "MAX_LOO_IMAGES", "MAX_REFITS", "RULE"]
+
+MAX_LOO_IMAGES = 400
+MAX_REFITS = 96
+RULE = "support leave-one-out"
+
+
+def threshold_at_recall(scores, tpr: float) -> float:
+    """The ``ceil(tpr * m)``-th largest of the ``m`` scores: at least ``tpr`` of them are >= it."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    m = len(s)
+    k = min(m, max(1, math.ceil(tpr * m - 1e-9)))
+    return float(s[k - 1])
+
+
+def _groups(index: np.ndarray, eligible: np.ndarray, max_images: int, max_refits: int,
+            seed: int) -> list[np.ndarray]:
+    """Left-out groups of support rows (module doc): a seeded, class-stratified sample of the
+    ``eligible`` rows, dealt round-robin (sorted by class) into at most ``max_refits`` groups."""
+    rng = np.random.default_rng([seed, 9173])
+    rows = np.flatnonzero(eligible)
+    if len(rows) > max_images:  # stratified: each class keeps its share, at least one image
+        keep = []
+        for c in np.unique(index[rows]):
+            r = rng.permutation(rows[index[rows] == c])
+            keep.append(r[:max(1, round(len(r) * max_images / len(rows)))])
+        rows = np.concatenate(keep)
+    rows = rows[np.lexsort((rng.random(len(rows)), index[rows]))]  # by class, random within
+    n_groups = min(len(rows), max_refits)
+    return [np.sort(rows[g::n_groups]) for g in range(n_groups)]
+
+
+def policy_loo_scores(detector, features, labels, *, batch=None,
+                      max_images: int = MAX_LOO_IMAGES, max_refits: int = MAX_REFITS,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Left-out normality of support images, each scored by a copy of ``detector`` fitted
+    without it, in the detector's scoring policy (module doc).
+
+    ``features`` / ``labels``: the unnormalised support features and labels (one support
+    domain). ``batch``: the test features that will be scored together (transductive policy:
+    where the shift gate pools them with the support, the left-out images are normalised with
+    the pooled statistics). Returns ``(scores, rows)``: the scores and the support rows they
+    belong to.
+    """
+    features = torch.as_tensor(features, dtype=torch.float32)
+    labels = np.asarray(labels)
+    index = np.searchsorted(detector.classes_, labels)
+    eligible = np.bincount(index, minlength=len(detector.classes_))[index] >= 2
+    params = dict(detector.get_params(), progress=False, refine=0)
+    pooled = False
+    if detector.per_image:
+        pass  # the copy scores as the detector does: per image, raw weight mixed in
+    elif batch is not None and detector.normalizer.pooled(torch.as_tensor(batch)):
+        pooled = True
+    else:  # the support's own statistics, as a test image of the support's domain
+        params.update(per_image=True, raw_weight=0.0)
+    probe = type(detector)(**params)
+    groups = _groups(index, eligible, max_images, max_refits, seed)
+    scores, rows = [], []
+    bar = tqdm(total=sum(len(g) for g in groups), desc="leave-one-out calibration",
+               unit="img", disable=not getattr(detector, "progress", False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single-class / small-batch notes of the copies
+        for g in groups:
+            keep = np.ones(len(labels), dtype=bool)
+            keep[g] = False
+            probe.fit_features(features[keep], labels[keep])
+            if pooled:
+                probe.set_test_mean(torch.as_tensor(batch, dtype=torch.float32))
+            scores.append(np.asarray(probe.score_features(features[g]), dtype=np.float64))
+            rows.append(g)
+            bar.update(len(g))
+    bar.close()
+    return np.concatenate(scores), np.concatenate(rows)
 
 
 class LeaveOneOutCalibration:
@@ -83,7 +179,7 @@ class LeaveOneOutCalibration:
     def _calibrate_fitted(self, features, labels, tpr: float) -> "LeaveOneOutCalibration":
         labels = np.asarray(labels)
         counts = dict(zip(self.classes_.tolist(), self.class_counts_.tolist()))
-        names = dict(zip(self.classes_.tolist(), self.class_names_))
+        names = dict(zip(self.classes_.tolist(), self.class_names))
         single = [names[c] for c, n in counts.items() if n < 2]
         if single and len(single) == len(counts):
             raise ValueError(
@@ -96,20 +192,28 @@ class LeaveOneOutCalibration:
                 f"impossible): {', '.join(single)}",
                 stacklevel=3,
             )
-        scores, used = self.loo_scores_features(features, labels)
-        m = len(scores)
-        k = min(m, max(1, math.ceil(tpr * m - 1e-9)))
-        threshold = float(np.sort(scores)[::-1][k - 1])
+        self._check_calibration_support()
+        scores, _ = policy_loo_scores(self, features, labels)
+        threshold = threshold_at_recall(scores, tpr)
         self.threshold_ = threshold
         self.calibration_ = {
-            "rule": "support leave-one-out",
+            "rule": RULE,
             "tpr": tpr,
-            "n_images": int(m),
+            "n_images": int(len(scores)),
             "skipped_classes": single,
             "achieved_recall": float((scores >= threshold).mean()),
+            "policy": self.policy,
         }
+        self.threshold_rule_ = {"source": RULE,
+                                **{k: v for k, v in self.calibration_.items() if k != "rule"}}
         self.loo_scores_ = scores
         return self
+
+    def _check_calibration_support(self) -> None:
+        """Calibration scores copies fitted on one support domain (``domains=`` not given)."""
+        if self.normalizer.active and self.normalizer.support_direction_ is None:
+            raise ValueError("threshold calibration needs a support of one domain (fit without "
+                             "domains=); pass an explicit threshold for a multi-source support")
 
     def calibrate(self, support, labels: Sequence[int] | None = None, tpr: float = 0.95):
         """Fit on ``support`` (as :meth:`fit`) and set ``threshold_`` from leave-one-out scores.

@@ -36,9 +36,8 @@ class CenteredCosineDetector(CosineDetector):
     name = "cosine-centered"
     description = "max cosine after centring support and test features on their own means"
 
-    def __init__(self, **kwargs):
-        kwargs.setdefault("center", True)
-        super().__init__(**kwargs)
+    def __init__(self, center: bool | str = True, **kwargs):
+        super().__init__(center=center, **kwargs)
 
 
 class StandardizedCosineDetector(CosineDetector):
@@ -48,6 +47,5 @@ class StandardizedCosineDetector(CosineDetector):
     name = "cosine-standardized"
     description = "max cosine after standardising support and test features per domain"
 
-    def __init__(self, **kwargs):
-        kwargs.setdefault("center", "standardize")
-        super().__init__(**kwargs)
+    def __init__(self, center: bool | str = "standardize", **kwargs):
+        super().__init__(center=center, **kwargs)

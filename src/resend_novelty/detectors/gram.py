@@ -244,6 +244,5 @@ class FineTunedGramDetector(GramDetector):
     name = "ft-gram"
     description = "Gram deviations, class predicted by the fine-tuned head"
 
-    def __init__(self, **kwargs):
-        kwargs.setdefault("fine_tune", True)
-        super().__init__(**kwargs)
+    def __init__(self, fine_tune: bool = True, **kwargs):
+        super().__init__(fine_tune=fine_tune, **kwargs)

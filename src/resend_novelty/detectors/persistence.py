@@ -67,23 +67,31 @@ def state_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+#: constructor parameters that do not change the scores: given at load, never saved
+RUNTIME_PARAMS = ("backbone", "model", "device", "cache", "batch_size", "num_workers",
+                  "progress", "engine")
+
+
 def _options(det: PrototypeDetector) -> dict:
-    """The constructor options that change the scores (runtime options are given at load)."""
-    opts = {"center": det.domain_norm, "min_center_batch": det.min_center_batch,
-            "refine": det.refine, "refine_fraction": det.refine_fraction,
-            "refine_keep": det.refine_keep}
-    opts["shift_threshold"] = det.shift_threshold  # explicit: 0 must not become a checkpoint's
-    opts["raw_weight"] = det.raw_weight
-    if det.name == "resend":
-        opts.update(normality=det.normality, neighbors=det.neighbors or 0,
-                    chunk_pairs=det.chunk_pairs)
-        if det.neighbors:
-            opts["neighbor_weight"] = det.neighbor_weight
-        if hasattr(det, "candidates"):  # candidate-class scoring (0 = every class)
-            opts["candidates"] = det.candidates or 0
-    elif det.name == "knn":
-        opts.update(k=det.k, chunk=det.chunk)
+    """The constructor parameters that change the scores (``get_params`` less
+    :data:`RUNTIME_PARAMS`), the scoring policy (``per_image``) included: one declaration per
+    option, the constructor's."""
+    opts = {k: v for k, v in det.get_params().items() if k not in RUNTIME_PARAMS}
+    try:
+        json.dumps(opts)
+    except (TypeError, ValueError):
+        bad = [k for k, v in opts.items() if not _is_json(v)]
+        raise DetectorFileError(f"options {bad} of {det.name} cannot be written to a detector "
+                                "file (not numbers, strings or lists)") from None
     return opts
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _checkpoint_info(model, checkpoint) -> dict:
@@ -136,6 +144,7 @@ def save_detector(detector: PrototypeDetector, path: str | os.PathLike, *,
         "package_version": _package_version(),
         "method": name,
         "options": _options(detector),
+        "policy": detector.policy,
         "class_names": list(getattr(detector, "class_names_", [str(c) for c in detector.classes_])),
         "threshold": getattr(detector, "threshold_", None),
         "threshold_rule": _threshold_rule(detector),
@@ -174,13 +183,16 @@ def read_detector_metadata(path: str | os.PathLike) -> dict:
 
 def load_detector(path: str | os.PathLike, *, model=None, backbone=None, device=None,
                   cache=True, batch_size: int = 64, num_workers: int | None = None,
-                  progress: bool = True) -> PrototypeDetector:
+                  progress: bool = True, engine: str = "auto") -> PrototypeDetector:
     """The detector saved by :func:`save_detector`, ready to score (threshold included).
 
     ``model``: the relational checkpoint (path or module) of a ``resend`` file whose checkpoint
     is not the shipped one; ``backbone``: a backbone instance to use instead of building it by
     name. Both are checked against the SHA-256 recorded in the file. The other arguments are
-    the run options of the detector (device, feature cache, batching, progress bars).
+    the run options of the detector (device, feature cache, batching, progress bars, inference
+    engine). The scoring policy (``per_image``) and the threshold are the file's; change the
+    policy with :meth:`~resend_novelty.detectors.PrototypeDetector.set_policy` (a
+    leave-one-out threshold is calibrated again for it).
     """
     meta = read_detector_metadata(path)
     if meta["package_version"] != _package_version():
@@ -199,10 +211,16 @@ def load_detector(path: str | os.PathLike, *, model=None, backbone=None, device=
     # files written before the shift gate / the raw weight existed were scored without them
     kwargs = dict({"shift_threshold": 0.0, "raw_weight": 0.0}, **meta["options"], backbone=bb,
                   device=device, cache=cache, batch_size=batch_size, num_workers=num_workers,
-                  progress=progress)
+                  progress=progress, engine=engine)
     if method == "resend":
         kwargs["model"] = _load_model(path, meta["checkpoint"], model)
-    det = DETECTORS[method](**kwargs)
+    unknown = sorted(set(meta["options"]) - set(DETECTORS[method]._param_defaults()))
+    if unknown:
+        raise DetectorFileError(f"{path}: unknown option(s) {unknown} for method {method!r}")
+    try:
+        det = DETECTORS[method](**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise DetectorFileError(f"{path}: bad options ({exc})") from None
     with safe_open(str(path), framework="pt") as fh:
         state = {k[len(_PREFIX):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(_PREFIX)}
     det.load_fitted_state(state)

@@ -87,9 +87,11 @@ class ReSeNDDetector(PrototypeDetector):
                  neighbors: int | None = None, neighbor_weight: float | None = None,
                  refine: int = 0, candidates: int | None = None,
                  shift_threshold: float | None = None, raw_weight: float | None = None,
-                 **kwargs):
+                 backbone="checkpoint", center: bool | str | None = None, **kwargs):
         self.model = model if isinstance(model, RelationalModule) else load_checkpoint(model)
-        kwargs.setdefault("backbone", self.model.config.backbone)
+        # "checkpoint": the backbone the model was trained on; None: features only
+        kwargs["backbone"] = self.model.config.backbone if backbone == "checkpoint" else backbone
+        kwargs["center"] = center if center is not None else False
         kwargs["shift_threshold"] = (self.model.scoring.shift_threshold
                                      if shift_threshold is None else shift_threshold)
         kwargs["raw_weight"] = (self.model.scoring.raw_weight
@@ -121,7 +123,7 @@ class ReSeNDDetector(PrototypeDetector):
             raise ValueError(f"neighbor_weight must be in [0, 1], got {w}")
         self.neighbor_weight = w
         self.model.eval()
-        if kwargs.get("center") is None:  # the model's training decides (config.domain_norm)
+        if center is None:  # the model's training decides (config.domain_norm)
             self.domain_norm = self.model.config.domain_norm
         if refine and self.model.config.input_norm != "l2":
             raise ValueError("test-time prototype refinement (refine > 0) needs a relational "
