@@ -107,9 +107,8 @@ def test_save_and_load_keep_the_raw_weight(spread_model, tiny_backbone, tmp_path
                          checkpoint=tmp_path / "c.safetensors")
     assert read_detector_metadata(path)["options"]["raw_weight"] == W
     loaded = load_detector(path, model=model, backbone=tiny_backbone, progress=False)
-    assert loaded.raw_weight == W and not loaded.hedged  # per image is chosen at scoring time
-    loaded.normalizer.per_image = True  # as `resend score --detector FILE --per-image`
-    assert loaded.hedged
+    # the scoring policy is saved with the detector: per image, hedged, as fitted
+    assert loaded.raw_weight == W and loaded.per_image and loaded.hedged
     np.testing.assert_allclose(loaded.score_features(test), det.score_features(test), **TOL)
 
 

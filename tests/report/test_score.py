@@ -245,7 +245,8 @@ def test_calibrate_on_folder_api(class_folders, tiny_backbone):
 def test_report_metrics_and_files(class_folders, tiny_backbone, tmp_path):
     res = score_folders(_cosine(tiny_backbone), class_folders / "support", class_folders / "test",
                         threshold=0.999)
-    assert res.threshold_rule == {"source": "given"}
+    assert res.threshold_rule["source"] == "given"
+    assert res.threshold_rule["policy"]["mode"] == "transductive"
     assert res.test_labels is not None and res.is_known.sum() == 9
     m = res.metrics()
     assert m["n_unknown"] == 3 and 0.0 <= m["auroc"] <= 1.0

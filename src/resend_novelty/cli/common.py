@@ -20,7 +20,8 @@ from ..features import ENGINES, FeatureCache
 from ..models import load_checkpoint
 from .detector_options import METHOD_HELP, add_baseline_options, baseline_kwargs
 
-__all__ = ["add_detector_options", "add_engine_option", "detector_factory", "feature_cache"]
+__all__ = ["add_detector_options", "add_engine_option", "detector_factory", "feature_cache",
+           "FIT_OPTIONS", "fit_options_given"]
 
 
 def feature_cache(args) -> FeatureCache | bool:
@@ -114,6 +115,23 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_baseline_options(p)
+    p.set_defaults(_fit_defaults={a.dest: a.default for a in p._actions
+                                  if a.dest in FIT_OPTIONS})
+
+
+#: options that decide how a detector is fitted and scores: a detector file fixes them
+#: (``resend score --detector`` refuses them rather than ignore them)
+FIT_OPTIONS = ("method", "backbone", "normality", "neighbors", "neighbor_weight", "candidates",
+               "refine", "shift_threshold", "raw_weight", "knn_k", "ft_budget", "ft_epochs",
+               "ft_hidden", "ft_lr", "odin_temperature", "odin_eps")
+
+
+def fit_options_given(args) -> list[str]:
+    """The fitting options (:data:`FIT_OPTIONS`) given on the command line (value other than
+    the default), as flags."""
+    defaults = getattr(args, "_fit_defaults", {})
+    return ["--" + k.replace("_", "-") for k, v in defaults.items()
+            if getattr(args, k, v) != v]
 
 
 def add_engine_option(p: argparse.ArgumentParser) -> None:

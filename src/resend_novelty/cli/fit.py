@@ -9,7 +9,7 @@ from pathlib import Path
 from ..detectors import SAVABLE_METHODS, save_detector
 from ..models import default_checkpoint_path
 from ..report import scan_support
-from .common import add_detector_options, detector_factory
+from .common import add_detector_options, detector_factory, finite_float
 from .score import _tpr
 
 
@@ -35,7 +35,7 @@ def add_parser(sub, name):
                    help="the detector file to write (e.g. detector.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     thr = p.add_mutually_exclusive_group()
-    thr.add_argument("--threshold", type=float, default=None, metavar="T",
+    thr.add_argument("--threshold", type=finite_float, default=None, metavar="T",
                      help="flag images with normality < T as unknown (default: calibrate, --tpr)")
     thr.add_argument("--tpr", type=_tpr, default=0.95, metavar="R",
                      help="calibrate the threshold on the support set: leave-one-out normality "
@@ -57,15 +57,14 @@ def run(args) -> int:
             det = detector_factory(args)()
             paths, labels, class_names = scan_support(args.support)
             feats = det.features(paths, desc="support features")[0]
+            names = [class_names[int(c)] for c in sorted(set(labels))]
             if args.threshold is None:
-                det.calibrate_features(feats, labels, tpr=args.tpr)
-                det.threshold_rule_ = {"source": "support leave-one-out",
-                                       **{k: v for k, v in det.calibration_.items() if k != "rule"}}
+                det.calibrate_features(feats, labels, tpr=args.tpr, class_names=names)
             else:
                 det.fit_features(feats, labels)
                 det.threshold_ = float(args.threshold)
-                det.threshold_rule_ = {"source": "given"}
-            det.class_names_ = [class_names[int(c)] for c in det.classes_]
+                det.threshold_rule_ = {"source": "given", "policy": det.policy}
+            det.class_names_ = names
             checkpoint = None
             if args.method == "resend":
                 checkpoint = args.model or default_checkpoint_path()
@@ -76,6 +75,7 @@ def run(args) -> int:
                 print(f"resend {args.command}: warning: {w.message}", file=sys.stderr)
     print(f"method {det.name}: {len(det.class_names_)} known classes "
           f"({', '.join(det.class_names_)}) from {len(paths)} support images, threshold "
-          f"{det.threshold_:.4g} ({det.threshold_rule_['source']})")
+          f"{det.threshold_:.4g} ({det.threshold_rule_['source']}, for "
+          f"{det.policy['mode']} scoring)")
     print(f"wrote {path}")
     return 0

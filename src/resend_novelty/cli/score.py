@@ -11,7 +11,7 @@ from ..data import printable
 from ..detectors import THRESHOLD_SOURCES, load_detector, test_mode_threshold
 from ..report import score_fitted, score_folders, watch, write_report
 from .common import (REPORT_FILES, add_detector_options, check_output, detector_factory,
-                     feature_cache, finite_float)
+                     feature_cache, finite_float, fit_options_given)
 
 
 def _tpr(value: str) -> float:
@@ -44,8 +44,12 @@ def add_parser(sub, name):
                      help="reference images, one sub-folder per known class: DIR/<class>/<image>")
     src.add_argument("--detector", metavar="FILE",
                      help="a detector fitted by 'resend fit' (.safetensors): its classes, "
-                     "threshold and options are used (the detector options below are ignored; "
-                     "--model names its relational checkpoint if it is not the shipped one)")
+                     "threshold, options and scoring policy are used. Options that decide the "
+                     "fit (--method, --neighbors, --shift-threshold, ...) are refused next to "
+                     "it; run options (--device, --engine, --batch-size, cache) apply; "
+                     "--per-image (and --watch, which scores per image) re-calibrates a "
+                     "leave-one-out threshold for per-image scoring from the file's support. "
+                     "--model names its relational checkpoint if it is not the shipped one")
     p.add_argument("--test", metavar="DIR",
                    help="new images (searched recursively); labelled only if DIR/<class>/<image>")
     p.add_argument("--watch", metavar="DIR|-",
@@ -88,14 +92,30 @@ def add_parser(sub, name):
 
 
 def _load(args):
+    """The detector file, in the scoring policy asked (per image for --per-image and --watch),
+    with the threshold for it: the file's, re-calibrated when the policy changes, or
+    --threshold."""
+    given = fit_options_given(args)
+    if given:
+        raise ValueError(f"{', '.join(given)}: fixed by the detector file {args.detector}; fit "
+                         "a new one with 'resend fit' to change")
     det = load_detector(args.detector, model=args.model, device=args.device,
                         cache=feature_cache(args), batch_size=args.batch_size,
-                        num_workers=args.workers, progress=not args.quiet)
-    if getattr(args, "per_image", False):  # --per-image applies to a detector file too
-        if getattr(getattr(det, "refiner", None), "steps", 0):
-            raise ValueError("--per-image: the detector file refines prototypes on the test "
-                             "images scored together; fit it without --refine")
-        det.normalizer.per_image = True
+                        num_workers=args.workers, progress=not args.quiet, engine=args.engine)
+    if args.threshold is not None:  # replaces the file's, whatever policy that was set for
+        det.threshold_, det.threshold_rule_ = None, None
+    per_image = args.per_image or (args.watch is not None and det.normalizer.test_mean_ is None
+                                   and det.normalizer.active)
+    if per_image and not det.per_image:
+        before = det.threshold_
+        det.set_policy(True)
+        if before is not None:
+            print(f"resend {args.command}: the file's threshold {before:.4g} was calibrated for "
+                  f"transductive scoring; re-calibrated for per-image scoring from its support: "
+                  f"{det.threshold_:.4g}", file=sys.stderr)
+    if args.threshold is not None:
+        det.threshold_, det.threshold_rule_ = float(args.threshold), {"source": "given",
+                                                                      "policy": det.policy}
     return det
 
 
@@ -116,8 +136,6 @@ def _check(args) -> None:
 
 def _run_watch(args) -> int:
     det = _load(args)
-    if args.threshold is not None:
-        det.threshold_ = float(args.threshold)
     source = sys.stdin if args.watch == "-" else args.watch
     csv_path = Path(args.out) / "scores.csv"
     print(f"watching {'stdin' if args.watch == '-' else args.watch} with {args.detector} "
@@ -142,8 +160,6 @@ def run(args) -> int:
         try:
             if args.detector is not None:
                 det = _load(args)
-                if args.threshold is not None:
-                    det.threshold_, det.threshold_rule_ = float(args.threshold), {"source": "given"}
                 result = score_fitted(det, args.test)
             else:
                 det = detector_factory(args)()
@@ -167,14 +183,7 @@ def run(args) -> int:
           f"({', '.join(map(printable, result.class_names))}), threshold {result.threshold:.4g} "
           f"({how})")
     print(f"{n} test images: {n - n_unk} known, {n_unk} flagged unknown")
-    if getattr(det, "hedged", False):
-        mode = (f"per image (support statistics only; raw weight {det.raw_weight:g}: that share "
-                "of the score from unnormalised features)")
-    elif getattr(det, "per_image", False):
-        mode = "per image (support statistics only)"
-    else:
-        mode = "transductive (test statistics from the images scored together)"
-    print("scoring: " + mode)
+    print("scoring: " + result.scoring.get("description", "n/a"))
     m = result.metrics()
     if m is not None:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731

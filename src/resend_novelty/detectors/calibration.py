@@ -163,17 +163,21 @@ class LeaveOneOutCalibration:
         return leave_one_out_similarities(self.similarities_features, self.prototypes_, features,
                                           idx, block, progress=self.progress)
 
-    def calibrate_features(self, features, labels, tpr: float = 0.95) -> "LeaveOneOutCalibration":
+    def calibrate_features(self, features, labels, tpr: float = 0.95,
+                           class_names: Sequence[str] | None = None) -> "LeaveOneOutCalibration":
         """Fit on support features and set ``threshold_`` from their leave-one-out scores.
 
         ``threshold_`` is the ``ceil(tpr * m)``-th largest of the m LOO scores, so that at least
         ``tpr`` of the support images are accepted (recall of knowns >= ``tpr`` on the support
         set). Classes with a single image are skipped with a warning (error if none is left).
-        Details in ``calibration_`` (tpr, n_images, skipped_classes, achieved_recall).
+        Details in ``calibration_`` (tpr, n_images, skipped_classes, achieved_recall, the
+        policy). ``class_names``: names of the sorted classes (warnings name them).
         """
         if not 0.0 < float(tpr) <= 1.0:
             raise ValueError(f"tpr must be in (0, 1], got {tpr}")
         self.fit_features(features, labels)
+        if class_names is not None:
+            self.class_names_ = list(class_names)
         return self._calibrate_fitted(features, labels, float(tpr))
 
     def _calibrate_fitted(self, features, labels, tpr: float) -> "LeaveOneOutCalibration":

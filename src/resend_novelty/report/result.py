@@ -75,6 +75,7 @@ class ScoreResult:
     support: str = ""
     test: str = ""
     test_layout: str = ""
+    scoring: dict = field(default_factory=dict)  # policy, statistics used, gate, provenance
 
     @property
     def nearest(self) -> list[str]:
@@ -143,6 +144,7 @@ class ScoreResult:
             },
             "threshold": float(self.threshold),
             "threshold_rule": dict(self.threshold_rule),
+            "scoring": dict(self.scoring),
             "test_layout": self.test_layout,
             "test_labels": self.test_labels is not None,
             "metrics": self.metrics(),
@@ -211,15 +213,16 @@ def score_folders(
         )
     test_set = scan_test(test)  # before the slow part: fail early on a bad test folder
     feats = detector.features(paths, desc="support features")[0]
+    names = [class_names[int(c)] for c in np.unique(labels)]
     if threshold is None:
-        detector.calibrate_features(feats, labels, tpr=tpr)
-        rule = {"source": "support leave-one-out",
-                **{k: v for k, v in detector.calibration_.items() if k != "rule"}}
+        detector.calibrate_features(feats, labels, tpr=tpr, class_names=names)
+        rule = dict(detector.threshold_rule_)
     else:
         detector.fit_features(feats, labels)
         detector.threshold_ = float(threshold)
-        rule = {"source": "given"}
-    detector.class_names_ = [class_names[int(c)] for c in detector.classes_]
+        rule = {"source": "given", "policy": getattr(detector, "policy", None)}
+        detector.threshold_rule_ = rule
+    detector.class_names_ = names
     return score_test_set(detector, test_set, rule, support=str(support), test=str(test))
 
 
@@ -232,15 +235,21 @@ def score_test_set(detector, test_set, threshold_rule: dict, support: str, test:
     feats = detector.features(test_set.paths, desc="test features")[0]
     normality, u = detector.score_similarities_features(feats)
     _check_finite(normality, test_set.paths, detector)
-    if not math.isfinite(float(detector.threshold_)):
-        raise ValueError(f"the calibrated threshold is {detector.threshold_}: the support scores "
+    threshold = float(detector.threshold_for_features(feats))
+    if not math.isfinite(threshold):
+        raise ValueError(f"the calibrated threshold is {threshold}: the support scores "
                          "are not finite (a corrupt model or features?)")
+    threshold_rule = dict(threshold_rule)
+    if threshold != float(detector.threshold_):
+        threshold_rule["support_only_threshold"] = float(detector.threshold_)
+        threshold_rule["read_on_batch"] = ("left-out support images normalised with the "
+                                           "statistics pooled over support and this batch")
     return ScoreResult(
         paths=test_set.paths,
         normality=np.asarray(normality, dtype=np.float64),
         similarities=np.asarray(u.numpy(), dtype=np.float64),
         class_names=list(detector.class_names_),
-        threshold=float(detector.threshold_),
+        threshold=threshold,
         threshold_rule=threshold_rule,
         method=getattr(detector, "name", type(detector).__name__),
         test_labels=test_set.labels,
@@ -249,7 +258,59 @@ def score_test_set(detector, test_set, threshold_rule: dict, support: str, test:
         support=support,
         test=test,
         test_layout=test_set.layout,
+        scoring=scoring_record(detector, feats),
     )
+
+
+def scoring_record(detector, features) -> dict:
+    """How a batch of test features was scored: the detector's policy, which statistics
+    normalised the batch and why (the shift gate's gap and decision), a one-line description,
+    and the provenance (package version, relational checkpoint, detector file)."""
+    from .. import __version__
+    from ..transforms import shift_gap
+
+    rec = {"policy": dict(getattr(detector, "policy", {}) or {}), "package_version": __version__}
+    n = getattr(detector, "normalizer", None)
+    size = int(features.shape[0])
+    if n is None or not n.active:
+        rec["statistics"] = "none"
+        desc = "no domain normalisation: each image scored alone"
+    elif n.per_image:
+        rec["statistics"] = "support"
+        desc = "per image (support statistics only"
+        desc += (f"; raw weight {detector.raw_weight:g}: that share of the score from "
+                 "unnormalised features)" if getattr(detector, "hedged", False) else ")")
+    elif n.test_mean_ is not None:
+        rec["statistics"] = "fixed pooled" if n.test_pooled_ else "fixed"
+        desc = "transductive with fixed test statistics (set_test_mean)"
+    elif size < max(2, n.min_batch):
+        rec["statistics"] = "support"
+        desc = (f"transductive asked, but a batch of {size} images (< {n.min_batch}) brings no "
+                "statistics of its own: support statistics used, as per image without the raw "
+                "weight")
+    elif n.pooled(features):
+        rec["statistics"] = "pooled"
+        desc = ("transductive: support and test close (shift gate), normalised with the "
+                f"statistics of both; threshold read again for this batch of {size}")
+    else:
+        rec["statistics"] = "test batch"
+        desc = f"transductive (test statistics from the {size} images scored together)"
+    if (n is not None and n.active and not n.per_image and n.shift_threshold > 0
+            and n.support_direction_ is not None and size >= 1):
+        gap = float(shift_gap(n.support_direction_, features))
+        rec["shift_gap"] = gap
+        rec["gate"] = "pooled" if rec["statistics"] == "pooled" else "per-domain statistics"
+        desc += f"; shift gap {gap:.3f} vs gate {n.shift_threshold:g}"
+    rec["description"] = desc
+    model = getattr(detector, "model", None)
+    if model is not None:
+        from ..detectors.persistence import state_sha256
+        rec["checkpoint_state_sha256"] = state_sha256(model)
+    meta = getattr(detector, "metadata_", None)
+    if meta:
+        rec["detector_file"] = {"checkpoint": meta.get("checkpoint"),
+                                "package_version": meta.get("package_version")}
+    return rec
 
 
 def _check_finite(normality, paths, detector) -> None:

@@ -10,8 +10,10 @@ same over two polls (a file still being copied is left for the next poll).
 
 Per image: an image scored on its own cannot supply the statistics of its domain, so the domain
 normalisation (``center=``) uses the test statistics fixed in the detector (``set_test_mean``)
-or, failing those, the support statistics: the detector is then switched to per-image scoring
-(``per_image=True``, with its ``raw_weight``), as ``resend score --per-image``.
+or, failing those, the support statistics: the detector is then switched to the per-image
+policy (``set_policy(True)``, with its ``raw_weight``; a leave-one-out threshold is calibrated
+again for it), as ``resend score --per-image``: a watched image gets the prediction it gets in
+a batch scored per image.
 """
 
 from __future__ import annotations
@@ -72,11 +74,12 @@ def _folder_images(folder: Path) -> list[str]:
 
 
 def _per_image_statistics(detector) -> None:
-    """Score images one by one with the fixed test statistics or, failing those, per image
-    (module doc)."""
+    """Score images one by one with the fixed test statistics or, failing those, in the
+    per-image policy (module doc): ``set_policy`` re-calibrates a leave-one-out threshold for
+    it, so the decision is the one ``resend score --per-image`` makes."""
     norm = getattr(detector, "normalizer", None)
-    if norm is not None and norm.active and norm.test_mean_ is None:
-        norm.per_image = True  # support statistics, and the detector's raw_weight if any
+    if norm is not None and norm.active and norm.test_mean_ is None and not norm.per_image:
+        detector.set_policy(True)
 
 
 def watch(detector, source: str | os.PathLike | TextIO, csv_path: str | os.PathLike, *,
