@@ -9,7 +9,7 @@
   :func:`load_detector`).
 """
 
-from .base import UNKNOWN, Detector, fit_support
+from .base import UNKNOWN, Detector, clone, fit_support
 from .cosine import CenteredCosineDetector, CosineDetector, StandardizedCosineDetector
 from .euclidean import EuclideanDetector
 from .finetuned import FT_DETECTORS, FineTunedDetector, resend_eval_seconds, train_head
@@ -25,7 +25,7 @@ from .resend import ReSeNDDetector
 from .threshold import THRESHOLD_SOURCES, test_mode_threshold
 
 __all__ = [
-    "UNKNOWN", "Detector", "fit_support",
+    "UNKNOWN", "Detector", "fit_support", "clone",
     "PrototypeDetector", "NoLOOCalibrationMixin", "class_means", "leave_one_out_similarities",
     "ReSeNDDetector", "CosineDetector", "CenteredCosineDetector", "StandardizedCosineDetector",
     "EuclideanDetector", "KNNDetector", "MahalanobisDetector", "fit_mahalanobis",
