@@ -117,7 +117,7 @@ def test_watch_scores_files_as_they_arrive_and_resumes(class_folders, tiny_regis
     rows = _rows(tmp_path / "w" / "scores.csv")
     assert sorted(r["path"].rsplit("/", 1)[1] for r in rows) == [
         "first.png", "new0.png", "new1.png", "new2.png"]
-    assert list(rows[0])[:4] == ["path", "normality", "nearest_class", "sim_blue"]
+    assert list(rows[0])[:5] == ["path", "normality", "p_known", "nearest_class", "sim_blue"]
     first = next(r for r in rows if r["path"].endswith("first.png"))
     assert first["nearest_class"] == "red"
     # restart: nothing new is scored twice; a new file is appended

@@ -274,8 +274,13 @@ def test_cli_cosine_end_to_end(class_folders, tiny_registered, tmp_path, capsys)
     with open(out_dir / "scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 12
-    assert list(rows[0])[:6] == ["path", "normality", "nearest_class", "sim_blue", "sim_green",
-                                 "sim_red"]
+    assert list(rows[0])[:7] == ["path", "normality", "p_known", "nearest_class", "sim_blue",
+                                 "sim_green", "sim_red"]
+    p = np.array([float(r["p_known"]) for r in rows])
+    assert ((p > 0) & (p <= 1)).all()
+    # higher normality, higher p-value (the same order)
+    norm = np.array([float(r["normality"]) for r in rows])
+    assert (np.diff(p[np.argsort(norm)]) >= 0).all()
     assert {r["prediction"] for r in rows} <= {"red", "green", "blue", "unknown"}
     for r in rows:
         sims = {c: float(r[f"sim_{c}"]) for c in ("red", "green", "blue")}

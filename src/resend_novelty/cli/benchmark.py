@@ -19,7 +19,8 @@ def add_parser(sub, name):
             "the package (PACS: DIR/pacs_lists); images are looked for under --data-root and "
             "all of them are checked before the backbone runs. Settings: "
             + ", ".join(SETTINGS) + ". See 'resend benchmark --list' for their sizes and "
-            "README.md (section 'Benchmark settings of the paper') for the data layout each expects."
+            "docs/benchmarks.md (section 'Data layout under the data root') for the layout each "
+            "expects."
         ),
     )
     p.add_argument("setting", nargs="?", help="setting name (see --list)")

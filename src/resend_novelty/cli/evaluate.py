@@ -20,7 +20,7 @@ def add_parser(sub, name):
             "Fit class prototypes on the support list (no training) and score the test list. "
             "Known classes are the labels present in the support list; test images with any "
             "other label are unknown. Prints AUROC and FPR95 (known = positive class; FPR95 = "
-            "fraction of unknowns accepted at 95%% recall of knowns)."
+            "fraction of unknowns accepted at 95% recall of knowns)."
         ),
     )
     p.add_argument("--root", required=True, help="directory the list paths are relative to")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sqlite3
 import sys
 
@@ -56,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        rc = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe (resend ... | head) shows here, not at exit
+        return rc
+    except BrokenPipeError:  # the reader stopped reading: not an error of the command
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except (DataError, ValueError, RuntimeError) as exc:
         print(f"resend {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -153,8 +153,19 @@ def run(args) -> int:
     _check(args)
     if args.watch is not None:
         return _run_watch(args)
+    created = not Path(args.out).exists()
     check_output(args.out, inside=(args.support, args.test), overwrite=args.overwrite,
                  folder=True, owned=REPORT_FILES)
+    try:
+        return _score(args)
+    except BaseException:
+        out = Path(args.out)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed run leaves no empty folder behind
+        raise
+
+
+def _score(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -43,6 +43,7 @@ from ..transforms import normalize
 from .loo import leave_one_out_similarities
 
 __all__ = ["LeaveOneOutCalibration", "policy_loo_scores", "threshold_at_recall",
+           "conformal_pvalues",
            "MAX_LOO_IMAGES", "MAX_REFITS", "RULE"]
 
 MAX_LOO_IMAGES = 400
@@ -56,6 +57,14 @@ def threshold_at_recall(scores, tpr: float) -> float:
     m = len(s)
     k = min(m, max(1, math.ceil(tpr * m - 1e-9)))
     return float(s[k - 1])
+
+
+def conformal_pvalues(normality, reference) -> np.ndarray:
+    """``(1 + #{reference <= s}) / (m + 1)`` for each normality ``s``: the conformal p-value of
+    "this image is known" against ``m`` left-out known scores ``reference``, in (0, 1]."""
+    ref = np.sort(np.asarray(reference, dtype=np.float64))
+    s = np.asarray(normality, dtype=np.float64)
+    return (1.0 + np.searchsorted(ref, s, side="right")) / (len(ref) + 1.0)
 
 
 def _groups(index: np.ndarray, eligible: np.ndarray, max_images: int, max_refits: int,
@@ -218,6 +227,96 @@ class LeaveOneOutCalibration:
         if self.normalizer.active and self.normalizer.support_direction_ is None:
             raise ValueError("threshold calibration needs a support of one domain (fit without "
                              "domains=); pass an explicit threshold for a multi-source support")
+
+    def set_policy(self, per_image: bool) -> "LeaveOneOutCalibration":
+        """Score per image (``True``) or transductively (``False``) from now on.
+
+        A threshold is valid for the policy it was calibrated in: a leave-one-out threshold is
+        calibrated again for the new policy from the fitted support (no image needed); a
+        threshold given as a number for another policy is refused (ValueError): drop it
+        (``threshold_ = None``) or set a new one."""
+        per_image = bool(per_image)
+        if per_image == self.per_image:
+            return self
+        if per_image and self.refine:
+            raise ValueError("per-image scoring: this detector refines prototypes on the test "
+                             "images scored together (refine > 0); fit it without refinement")
+        if per_image and self.normalizer.test_mean_ is not None:
+            raise ValueError("per-image scoring uses the support statistics: this detector has "
+                             "fixed test statistics (set_test_mean); call set_test_mean(None)")
+        threshold = getattr(self, "threshold_", None)
+        rule = dict(getattr(self, "threshold_rule_", None) or {})
+        if threshold is not None and rule.get("source") != RULE:
+            old = "per-image" if self.per_image else "transductive"
+            raise ValueError(
+                f"the threshold {threshold:.4g} ({rule.get('source', 'given')}) was set for "
+                f"{old} scoring and does not hold for "
+                f"{'per-image' if per_image else 'transductive'} scoring: calibrate it again "
+                "(tpr) or give a threshold for that mode")
+        self.normalizer.per_image = per_image
+        self.__dict__.setdefault("_params", {})["per_image"] = per_image
+        self._raw = self._fixed_view = None
+        if threshold is not None:
+            self._calibrate_fitted(*self.support_set(), float(rule["tpr"]))
+        return self
+
+    def support_set(self) -> tuple[torch.Tensor, np.ndarray]:
+        """The fitted support as it was given: unnormalised features and labels (needs one
+        support domain when a domain normalisation is active)."""
+        if not hasattr(self, "prototypes_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() first")
+        self._check_calibration_support()
+        feats = self.support_features_
+        if self.normalizer.active:
+            feats = self.normalizer.support_features(feats)
+        return feats, np.asarray(self.classes_)[np.asarray(self.support_index_)]
+
+    def calibration_scores_features(self, features) -> np.ndarray | None:
+        """The left-out support scores the decision on these test features rests on (see
+        :meth:`_calibration_scores`); None without a leave-one-out calibration."""
+        return self._calibration_scores(features)[0]
+
+    def _calibration_scores(self, features) -> tuple[np.ndarray | None, bool]:
+        """The left-out support scores the decision on these test features (scored together)
+        is read from: ``loo_scores_``, or - for a leave-one-out threshold of the transductive
+        policy on a batch that the shift gate pools with the support - the left-out support
+        images normalised with the same pooled statistics as the batch
+        (:func:`policy_loo_scores`). None without a leave-one-out calibration. (The private
+        form also says whether the scores were read again for the batch.)"""
+        rule = getattr(self, "threshold_rule_", None) or {}
+        if rule.get("source") != RULE or getattr(self, "loo_scores_", None) is None:
+            return None, False
+        if self.per_image or not self.normalizer.active or self.normalizer.test_mean_ is not None:
+            return np.asarray(self.loo_scores_), False  # fixed stream statistics: support's
+        x = self._checked_test(features)
+        if not self.normalizer.pooled(x):
+            return np.asarray(self.loo_scores_), False
+        return policy_loo_scores(self, *self.support_set(), batch=x)[0], True
+
+    def threshold_for_features(self, features) -> float:
+        """The threshold for these test features scored together: ``threshold_``, or, where
+        :meth:`calibration_scores_features` reads the left-out scores again for the batch, the
+        same rule (recall ``tpr``) applied to them."""
+        return self.threshold_and_scores_features(features)[0]
+
+    def threshold_and_scores_features(self, features) -> tuple[float, np.ndarray | None]:
+        """``(threshold_for_features, calibration_scores_features)`` from one pass."""
+        threshold = self._threshold(None)
+        scores, reread = self._calibration_scores(features)
+        if reread:
+            threshold = threshold_at_recall(scores, float(self.threshold_rule_["tpr"]))
+        return threshold, scores
+
+    def known_pvalues_features(self, features) -> np.ndarray:
+        """Normality calibrated to [0, 1]: for each test feature, the conformal p-value
+        ``(1 + #{left-out known scores <= s}) / (m + 1)`` - the share of known images expected
+        to score no higher. A known image's p-value is about uniform; the threshold for recall
+        ``tpr`` sits near p = 1 - tpr. Needs a leave-one-out calibration."""
+        scores = self.calibration_scores_features(features)
+        if scores is None:
+            raise ValueError("p-values need a leave-one-out calibration: call calibrate(...) "
+                             "(a given threshold has no support scores)")
+        return conformal_pvalues(self.score_features(features), scores)
 
     def calibrate(self, support, labels: Sequence[int] | None = None, tpr: float = 0.95):
         """Fit on ``support`` (as :meth:`fit`) and set ``threshold_`` from leave-one-out scores.

@@ -27,7 +27,7 @@ from ..models import check_raw_weight
 from ..transforms import (REFINE_FRACTION, REFINE_KEEP, DomainNormalizer, PrototypeRefiner,
                           as_mode, normalize)
 from .base import Detector
-from .calibration import RULE, LeaveOneOutCalibration, policy_loo_scores, threshold_at_recall
+from .calibration import LeaveOneOutCalibration
 from .loo import class_means
 
 __all__ = ["PrototypeDetector", "NoLOOCalibrationMixin"]
@@ -192,65 +192,6 @@ class PrototypeDetector(LeaveOneOutCalibration, Detector):
                 "domain_norm": n.mode, "shift_threshold": float(n.shift_threshold),
                 "raw_weight": float(self.raw_weight), "min_batch": int(n.min_batch),
                 "fixed_test_statistics": n.test_mean_ is not None}
-
-    def set_policy(self, per_image: bool) -> "PrototypeDetector":
-        """Score per image (``True``) or transductively (``False``) from now on.
-
-        A threshold is valid for the policy it was calibrated in: a leave-one-out threshold is
-        calibrated again for the new policy from the fitted support (no image needed); a
-        threshold given as a number for another policy is refused (ValueError): drop it
-        (``threshold_ = None``) or set a new one."""
-        per_image = bool(per_image)
-        if per_image == self.per_image:
-            return self
-        if per_image and self.refine:
-            raise ValueError("per-image scoring: this detector refines prototypes on the test "
-                             "images scored together (refine > 0); fit it without refinement")
-        if per_image and self.normalizer.test_mean_ is not None:
-            raise ValueError("per-image scoring uses the support statistics: this detector has "
-                             "fixed test statistics (set_test_mean); call set_test_mean(None)")
-        threshold = getattr(self, "threshold_", None)
-        rule = dict(getattr(self, "threshold_rule_", None) or {})
-        if threshold is not None and rule.get("source") != RULE:
-            old = "per-image" if self.per_image else "transductive"
-            raise ValueError(
-                f"the threshold {threshold:.4g} ({rule.get('source', 'given')}) was set for "
-                f"{old} scoring and does not hold for "
-                f"{'per-image' if per_image else 'transductive'} scoring: calibrate it again "
-                "(tpr) or give a threshold for that mode")
-        self.normalizer.per_image = per_image
-        self.__dict__.setdefault("_params", {})["per_image"] = per_image
-        self._raw = self._fixed_view = None
-        if threshold is not None:
-            self._calibrate_fitted(*self.support_set(), float(rule["tpr"]))
-        return self
-
-    def support_set(self) -> tuple[torch.Tensor, np.ndarray]:
-        """The fitted support as it was given: unnormalised features and labels (needs one
-        support domain when a domain normalisation is active)."""
-        if not hasattr(self, "prototypes_"):
-            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() first")
-        self._check_calibration_support()
-        feats = self.support_features_
-        if self.normalizer.active:
-            feats = self.normalizer.support_features(feats)
-        return feats, np.asarray(self.classes_)[np.asarray(self.support_index_)]
-
-    def threshold_for_features(self, features) -> float:
-        """The threshold for these test features scored together: ``threshold_``, except for
-        a leave-one-out threshold of the transductive policy on a batch that the shift gate
-        pools with the support: then the left-out support images are normalised with the same
-        pooled statistics as the batch and the threshold is read from them again
-        (:func:`~resend_novelty.detectors.calibration.policy_loo_scores`)."""
-        threshold = self._threshold(None)
-        rule = getattr(self, "threshold_rule_", None) or {}
-        if rule.get("source") != RULE or self.per_image or not self.normalizer.active:
-            return threshold
-        x = self._checked_test(features)
-        if not self.normalizer.pooled(x):
-            return threshold
-        scores, _ = policy_loo_scores(self, *self.support_set(), batch=x)
-        return threshold_at_recall(scores, float(rule["tpr"]))
 
     # ----------------------------------------------------------------- fit
     def fit_features(self, features, labels, domains: Sequence | None = None) -> "PrototypeDetector":

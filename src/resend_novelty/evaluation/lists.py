@@ -107,7 +107,7 @@ def load_setting_lists(
                 f"benchmark {setting.name}: {len(missing)} of {len(seen)} images missing under "
                 f"{image_dir} (missing per list: {per_list}); first:\n  {first}\n"
                 f"nearest existing folder of the first: {_nearest_existing(Path(missing[0].path))}\n"
-                f"expected layout: {setting.layout or 'see the README, section Benchmark settings of the paper'}"
+                f"expected layout: {setting.layout or 'see docs/benchmarks.md, section Data layout under the data root'}"
             )
     return {t.name: (lists[t.support], lists[t.test]) for t in setting.targets}
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from ..evaluation import closed_set_accuracy, h_score, novelty_report
 from ..data import DataError
+from ..detectors.calibration import conformal_pvalues
 from .folders import check_disjoint, scan_support, scan_test
 
 __all__ = ["UNKNOWN_NAME", "ScoreResult", "score_folders", "score_test_set", "csv_text"]
@@ -76,6 +77,7 @@ class ScoreResult:
     test: str = ""
     test_layout: str = ""
     scoring: dict = field(default_factory=dict)  # policy, statistics used, gate, provenance
+    p_known: np.ndarray | None = None  # conformal p-values (leave-one-out thresholds only)
 
     @property
     def nearest(self) -> list[str]:
@@ -155,7 +157,8 @@ class ScoreResult:
         """One row per test image: path, normality, nearest class, per-class u, prediction."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = ["path", "normality", "nearest_class"]
+        header = ["path", "normality"] + (["p_known"] if self.p_known is not None else [])
+        header += ["nearest_class"]
         header += [csv_text(f"sim_{c}") for c in self.class_names]
         header += ["prediction"]
         if self.test_labels is not None:
@@ -167,7 +170,10 @@ class ScoreResult:
                 w = csv.writer(fh)
                 w.writerow(header)
                 for i, (p, near, pr) in enumerate(zip(self.paths, self.nearest, self.prediction)):
-                    row = [csv_text(p), f"{self.normality[i]:.6g}", csv_text(near)]
+                    row = [csv_text(p), f"{self.normality[i]:.6g}"]
+                    if self.p_known is not None:
+                        row.append(f"{self.p_known[i]:.4g}")
+                    row.append(csv_text(near))
                     row += [f"{v:.6g}" for v in self.similarities[i]]
                     row += [csv_text(pr)]
                     if self.test_labels is not None:
@@ -235,7 +241,8 @@ def score_test_set(detector, test_set, threshold_rule: dict, support: str, test:
     feats = detector.features(test_set.paths, desc="test features")[0]
     normality, u = detector.score_similarities_features(feats)
     _check_finite(normality, test_set.paths, detector)
-    threshold = float(detector.threshold_for_features(feats))
+    threshold, reference = detector.threshold_and_scores_features(feats)
+    threshold = float(threshold)
     if not math.isfinite(threshold):
         raise ValueError(f"the calibrated threshold is {threshold}: the support scores "
                          "are not finite (a corrupt model or features?)")
@@ -259,6 +266,7 @@ def score_test_set(detector, test_set, threshold_rule: dict, support: str, test:
         test=test,
         test_layout=test_set.layout,
         scoring=scoring_record(detector, feats),
+        p_known=None if reference is None else conformal_pvalues(normality, reference),
     )
 
 

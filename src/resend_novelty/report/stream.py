@@ -29,7 +29,8 @@ from typing import Iterable, TextIO
 
 from ..data import IMAGE_EXTENSIONS, DataError
 from .folders import scan_test
-from .result import UNKNOWN_NAME, ScoreResult, score_test_set
+from ..detectors.calibration import RULE, conformal_pvalues
+from .result import UNKNOWN_NAME, ScoreResult, csv_text, score_test_set
 
 __all__ = ["score_fitted", "watch", "csv_header"]
 
@@ -46,9 +47,10 @@ def score_fitted(detector, test: str | os.PathLike) -> ScoreResult:
     return score_test_set(detector, scan_test(test), rule, support="", test=str(test))
 
 
-def csv_header(class_names) -> list[str]:
-    return ["path", "normality", "nearest_class", *[f"sim_{c}" for c in class_names],
-            "prediction"]
+def csv_header(class_names, p_known: bool = False) -> list[str]:
+    """The columns of ``scores.csv`` (``p_known``: with the conformal p-value column)."""
+    return ["path", "normality", *(["p_known"] if p_known else []), "nearest_class",
+            *[f"sim_{c}" for c in class_names], "prediction"]
 
 
 def _already_scored(path: Path, header: list[str]) -> set[str]:
@@ -60,7 +62,9 @@ def _already_scored(path: Path, header: list[str]) -> set[str]:
     if not rows or rows[0] != header:
         raise ValueError(f"{path} exists with other columns than this detector's "
                          f"({', '.join(header[:4])}, ...): choose another output file")
-    return {r[0] for r in rows[1:] if r}
+    # a path written with the spreadsheet guard (csv_text) is read back without it
+    return {r[0][1:] if r[0][:1] == "'" and r[0][1:2] in ("=", "+", "-", "@", "\t", "\r")
+            else r[0] for r in rows[1:] if r}
 
 
 def _folder_images(folder: Path) -> list[str]:
@@ -98,14 +102,17 @@ def watch(detector, source: str | os.PathLike | TextIO, csv_path: str | os.PathL
         raise ValueError("the detector has no threshold: fit it with --tpr R or --threshold T")
     log = log or sys.stderr
     csv_path = Path(csv_path)
-    header = csv_header(detector.class_names_)
+    _per_image_statistics(detector)
+    reference = None  # per image (or fixed statistics): the saved left-out scores
+    if (getattr(detector, "threshold_rule_", None) or {}).get("source") == RULE:
+        reference = getattr(detector, "loo_scores_", None)
+    header = csv_header(detector.class_names_, p_known=reference is not None)
     done = _already_scored(csv_path, header)
     stats = {"scored": 0, "skipped": len(done), "failed": 0, "flagged_unknown": 0,
              "interrupted": False}
     folder = None if hasattr(source, "readline") else Path(source)
     if folder is not None and not folder.is_dir():
         raise DataError(f"watched folder not found: {folder}")
-    _per_image_statistics(detector)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not csv_path.exists() or csv_path.stat().st_size == 0
     start = time.monotonic()
@@ -133,9 +140,12 @@ def watch(detector, source: str | os.PathLike | TextIO, csv_path: str | os.PathL
                     s = float(normality[0])
                 k = int(u[0].argmax())
                 unknown = s < detector.threshold_
-                writer.writerow([p, f"{s:.6g}", detector.class_names_[k],
+                extra = ([] if reference is None
+                         else [f"{float(conformal_pvalues([s], reference)[0]):.4g}"])
+                writer.writerow([csv_text(p), f"{s:.6g}", *extra,
+                                 csv_text(detector.class_names_[k]),
                                  *[f"{float(v):.6g}" for v in u[0]],
-                                 UNKNOWN_NAME if unknown else detector.class_names_[k]])
+                                 csv_text(UNKNOWN_NAME if unknown else detector.class_names_[k])])
                 fh.flush()
                 done.add(p)
                 stats["scored"] += 1
