@@ -232,3 +232,30 @@ def test_leave_one_out_refits_without_the_image():
     expected = float(alone.score_features(sup[i:i + 1])[0])
     # 18 eligible images <= MAX_REFITS: one image left out at a time, in class order
     assert expected in [pytest.approx(float(s)) for s in det.loo_scores_]
+
+
+def test_threshold_from_a_validation_folder(folders, tiny_registered, tmp_path, capsys):
+    sup, test = folders
+    val = tmp_path / "val"
+    for c in COLORS:  # known classes and one unknown class
+        for i in range(4):
+            make_image(val / c / f"{i}.png", COLORS[c], noise_seed=100 + i)
+    rc, out, err = _cli(capsys, "score", "--support", sup, "--test", test, "--validation", val,
+                        "--tpr", "0.75", "--out", tmp_path / "a", "--no-plots", "--no-html", *OPTS)
+    assert rc == 0, err
+    assert "validation folder, recall 75% of 12 images" in out and "of its 4 unknowns" in out
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    rule = summary["threshold_rule"]
+    assert rule["source"] == "validation folder" and rule["achieved_recall"] >= 0.75
+    rc, _, err = _cli(capsys, "fit", "--support", sup, "--out", tmp_path / "v.safetensors",
+                      "--validation", val, "--tpr", "0.75", *OPTS)
+    assert rc == 0, err
+    rc, _, err = _cli(capsys, "score", "--detector", tmp_path / "v.safetensors", "--test", test,
+                      "--out", tmp_path / "b", "--no-plots", "--no-html")
+    assert rc == 0, err
+    _same(_predictions(tmp_path / "a" / "scores.csv"), _predictions(tmp_path / "b" / "scores.csv"))
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["threshold"] == \
+        pytest.approx(summary["threshold"])
+    rc, _, err = _cli(capsys, "score", "--support", sup, "--test", test, "--out", tmp_path / "c",
+                      "--threshold-from", "validation", *OPTS)
+    assert rc == 2 and "needs --validation DIR" in err

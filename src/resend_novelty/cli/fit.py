@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..detectors import SAVABLE_METHODS, save_detector
 from ..models import default_checkpoint_path
-from ..report import scan_support
+from ..report import scan_support, validation_threshold
 from .common import add_detector_options, detector_factory, finite_float
 from .score import _tpr
 
@@ -41,6 +41,11 @@ def add_parser(sub, name):
                      help="calibrate the threshold on the support set: leave-one-out normality "
                      "of each support image; threshold = the value accepting a fraction R of "
                      "them (default 0.95)")
+    p.add_argument("--validation", metavar="DIR", default=None,
+                   help="labelled validation images, DIR/<class>/<image> (classes of the support "
+                   "known, other class folders unknown): the threshold accepts a fraction --tpr "
+                   "R of its known images, scored in the detector's policy (instead of the "
+                   "support leave-one-out)")
     add_detector_options(p)
     return p
 
@@ -49,6 +54,8 @@ def run(args) -> int:
     if args.method not in SAVABLE_METHODS:  # before the slow part
         raise ValueError(f"method {args.method!r} cannot be saved to a detector file (it fits "
                          f"more than class statistics); choose one of {', '.join(SAVABLE_METHODS)}")
+    if args.validation is not None and args.threshold is not None:
+        raise ValueError("--threshold T and --validation DIR exclude each other")
     if Path(args.out).exists() and not args.overwrite:
         raise ValueError(f"{args.out} exists: pass --overwrite to replace it")
     with warnings.catch_warnings(record=True) as caught:
@@ -58,7 +65,12 @@ def run(args) -> int:
             paths, labels, class_names = scan_support(args.support)
             feats = det.features(paths, desc="support features")[0]
             names = [class_names[int(c)] for c in sorted(set(labels))]
-            if args.threshold is None:
+            if args.validation is not None:
+                det.fit_features(feats, labels)
+                det.class_names_ = names
+                det.threshold_, det.threshold_rule_ = validation_threshold(
+                    det, args.validation, args.tpr)
+            elif args.threshold is None:
                 det.calibrate_features(feats, labels, tpr=args.tpr, class_names=names)
             else:
                 det.fit_features(feats, labels)

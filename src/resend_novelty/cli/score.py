@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..data import printable
 from ..detectors import THRESHOLD_SOURCES, load_detector, test_mode_threshold
-from ..report import score_fitted, score_folders, watch, write_report
+from ..report import score_fitted, score_folders, validation_threshold, watch, write_report
 from .common import (REPORT_FILES, add_detector_options, check_output, detector_factory,
                      feature_cache, finite_float, fit_options_given)
 
@@ -81,7 +81,14 @@ def add_parser(sub, name):
                    "'test' (the unlabelled test images scored together: a 2-component Gaussian "
                    "mixture of their scores, the upper component taken as the known classes, "
                    "threshold at its (1-R) quantile; holds better when the test images come from "
-                   "another domain than the support, see BENCHMARKS.md; needs >= 20 test images)")
+                   "another domain than the support, see BENCHMARKS.md; needs >= 20 test images) "
+                   "or 'validation' (the labelled images of --validation DIR)")
+    p.add_argument("--validation", metavar="DIR", default=None,
+                   help="labelled validation images, DIR/<class>/<image> (classes of the support "
+                   "are known, other class folders unknown): the threshold accepts a fraction "
+                   "--tpr R of its known images, scored in the detector's policy; where unknown "
+                   "folders are present the share they reject is reported. Implies "
+                   "--threshold-from validation")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots (scores.csv, summary.json "
                    "and report.html only)")
     p.add_argument("--no-html", action="store_true",
@@ -130,12 +137,21 @@ def _check(args) -> None:
                              "not --watch")
     elif args.test is None:
         raise ValueError("--test DIR is required (or --watch with --detector)")
-    if args.threshold is not None and args.threshold_from == "test":
-        raise ValueError("--threshold T and --threshold-from test exclude each other")
+    if args.validation is not None:
+        if args.threshold_from == "test":
+            raise ValueError("--validation DIR and --threshold-from test exclude each other")
+        args.threshold_from = "validation"
+    elif args.threshold_from == "validation":
+        raise ValueError("--threshold-from validation needs --validation DIR")
+    if args.threshold is not None and args.threshold_from != "support":
+        raise ValueError(f"--threshold T and --threshold-from {args.threshold_from} exclude "
+                         "each other")
 
 
 def _run_watch(args) -> int:
     det = _load(args)
+    if args.validation is not None:
+        det.threshold_, det.threshold_rule_ = validation_threshold(det, args.validation, args.tpr)
     source = sys.stdin if args.watch == "-" else args.watch
     csv_path = Path(args.out) / "scores.csv"
     print(f"watching {'stdin' if args.watch == '-' else args.watch} with {args.detector} "
@@ -169,16 +185,25 @@ def _score(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            validation = args.threshold_from == "validation"
             if args.detector is not None:
                 det = _load(args)
+                if validation:
+                    det.threshold_, det.threshold_rule_ = validation_threshold(
+                        det, args.validation, args.tpr)
                 result = score_fitted(det, args.test)
             else:
                 det = detector_factory(args)()
-                result = score_folders(det, args.support, args.test, threshold=args.threshold,
-                                       tpr=args.tpr)
+                result = score_folders(det, args.support, args.test, threshold=(
+                    0.0 if validation else args.threshold), tpr=args.tpr)
+                if validation:  # fitted above: the threshold from its validation scores
+                    result.threshold, result.threshold_rule = validation_threshold(
+                        det, args.validation, args.tpr)
+                    result.p_known = None
             if args.threshold_from == "test":
                 result.threshold, result.threshold_rule = test_mode_threshold(
                     result.normality, tpr=args.tpr)
+                result.p_known = None
             files = write_report(result, args.out, plots=not args.no_plots,
                                  html=not args.no_html)
         finally:
@@ -188,8 +213,11 @@ def _score(args) -> int:
     n, n_unk = len(result.paths), int(result.flagged_unknown.sum())
     rule = result.threshold_rule
     how = ("given" if rule["source"] == "given" else
-           f"{rule['source']}, recall {rule['tpr']:.0%} of {rule['n_images']} images"
+           f"{rule['source']}, recall {rule['tpr']:.0%} of "
+           f"{rule.get('n_images', rule.get('n_known'))} images"
            if "tpr" in rule else rule["source"])
+    if "unknown_rejected" in rule:
+        how += f"; rejects {rule['unknown_rejected']:.0%} of its {rule['n_unknown']} unknowns"
     print(f"method {result.method}: {len(result.class_names)} known classes "
           f"({', '.join(map(printable, result.class_names))}), threshold {result.threshold:.4g} "
           f"({how})")

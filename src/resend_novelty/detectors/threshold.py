@@ -23,7 +23,7 @@ from sklearn.mixture import GaussianMixture
 
 __all__ = ["test_mode_threshold", "THRESHOLD_SOURCES"]
 
-THRESHOLD_SOURCES = ("support", "test")
+THRESHOLD_SOURCES = ("support", "test", "validation")
 
 
 def test_mode_threshold(scores, tpr: float = 0.95, seed: int = 0,

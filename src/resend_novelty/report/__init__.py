@@ -26,6 +26,7 @@ from .profiling import (
 )
 from .result import UNKNOWN_NAME, ScoreResult, score_folders, score_test_set
 from .stream import csv_header, score_fitted, watch
+from .validation import validation_threshold
 from .writer import write_report
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "score_fitted",
     "watch",
     "csv_header",
+    "validation_threshold",
     "write_report",
     "plot_histogram",
     "plot_roc",
