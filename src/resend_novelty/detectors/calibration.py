@@ -43,7 +43,7 @@ from ..transforms import normalize
 from .loo import leave_one_out_similarities
 
 __all__ = ["LeaveOneOutCalibration", "policy_loo_scores", "threshold_at_recall",
-           "conformal_pvalues",
+           "conformal_pvalues", "leave_class_out_rejection",
            "MAX_LOO_IMAGES", "MAX_REFITS", "RULE"]
 
 MAX_LOO_IMAGES = 400
@@ -65,6 +65,47 @@ def conformal_pvalues(normality, reference) -> np.ndarray:
     ref = np.sort(np.asarray(reference, dtype=np.float64))
     s = np.asarray(normality, dtype=np.float64)
     return (1.0 + np.searchsorted(ref, s, side="right")) / (len(ref) + 1.0)
+
+
+def leave_class_out_rejection(detector, features, labels, tpr: float, *,
+                              max_classes: int = 12, seed: int = 0) -> dict:
+    """An estimate, from the support alone, of the share of unknown images the calibrated
+    threshold rejects: each known class in turn (at most ``max_classes``, drawn seeded) plays
+    the unknown class - a copy of ``detector`` is fitted on the other classes, calibrated at
+    recall ``tpr`` by :func:`policy_loo_scores`, and scores the held-out class's images as new
+    images. Returns ``{"estimated_unknown_rejected", "per_class", "n_classes"}``.
+
+    An estimate, not a guarantee: real unknown classes may be closer to (fine-grained) or
+    farther from the known ones than the known classes are to each other."""
+    features = torch.as_tensor(features, dtype=torch.float32)
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if len(classes) < 3:
+        raise ValueError("a leave-class-out estimate needs at least 3 known classes (2 remain "
+                         "known while the third plays the unknown)")
+    rng = np.random.default_rng([seed, 5113])
+    chosen = np.sort(rng.permutation(classes)[:max_classes])
+    params = dict(detector.get_params(), progress=False, refine=0)
+    score_params = dict(params) if detector.per_image else dict(params, per_image=True,
+                                                                raw_weight=0.0)
+    per_class, rejected, total = {}, 0, 0
+    names = dict(zip(np.asarray(detector.classes_).tolist(), detector.class_names))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for c in chosen:
+            rest = labels != c
+            if (np.bincount(np.searchsorted(np.unique(labels[rest]), labels[rest])) >= 2).sum() == 0:
+                continue
+            reduced = type(detector)(**params).fit_features(features[rest], labels[rest])
+            loo, _ = policy_loo_scores(reduced, features[rest], labels[rest])
+            threshold = threshold_at_recall(loo, tpr)
+            scorer = type(detector)(**score_params).fit_features(features[rest], labels[rest])
+            s = np.asarray(scorer.score_features(features[~rest]))
+            per_class[names.get(int(c), str(c))] = float((s < threshold).mean())
+            rejected += int((s < threshold).sum())
+            total += len(s)
+    return {"estimated_unknown_rejected": rejected / max(total, 1), "per_class": per_class,
+            "n_classes": len(per_class), "rule": "leave-class-out on the support"}
 
 
 def _groups(index: np.ndarray, eligible: np.ndarray, max_images: int, max_refits: int,
@@ -306,6 +347,21 @@ class LeaveOneOutCalibration:
         if reread:
             threshold = threshold_at_recall(scores, float(self.threshold_rule_["tpr"]))
         return threshold, scores
+
+    def estimate_unknown_rejection(self, max_classes: int = 12, seed: int = 0) -> dict:
+        """The share of unknown images the calibrated threshold is expected to reject,
+        estimated on the fitted support by :func:`leave_class_out_rejection` (each known class
+        in turn held out as the unknown one), at the calibration's recall. Also stored in
+        ``calibration_`` and ``threshold_rule_``."""
+        rule = getattr(self, "threshold_rule_", None) or {}
+        tpr = float(rule.get("tpr", 0.95))
+        est = leave_class_out_rejection(self, *self.support_set(), tpr, max_classes=max_classes,
+                                        seed=seed)
+        if rule:
+            rule["unknown_rejection_estimate"] = est
+        if getattr(self, "calibration_", None) is not None:
+            self.calibration_["unknown_rejection_estimate"] = est
+        return est
 
     def known_pvalues_features(self, features) -> np.ndarray:
         """Normality calibrated to [0, 1]: for each test feature, the conformal p-value

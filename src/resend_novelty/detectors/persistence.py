@@ -38,7 +38,7 @@ from .prototype import PrototypeDetector
 from .registry import DETECTORS
 
 __all__ = ["FORMAT", "SAVABLE_METHODS", "DetectorFileError", "save_detector", "load_detector",
-           "read_detector_metadata", "state_sha256"]
+           "read_detector_metadata", "state_sha256", "package_version"]
 
 FORMAT = "resend-detector-v1"
 SAVABLE_METHODS = ("resend", "cosine", "cosine-centered", "cosine-standardized", "euclidean",
@@ -46,7 +46,8 @@ SAVABLE_METHODS = ("resend", "cosine", "cosine-centered", "cosine-standardized",
 _PREFIX = "fitted."
 
 
-def _package_version() -> str:
+def package_version() -> str:
+    """The installed version of resend-novelty ("unknown" in a bare source tree)."""
     try:
         return version("resend-novelty")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
@@ -141,7 +142,7 @@ def save_detector(detector: PrototypeDetector, path: str | os.PathLike, *,
     bb = detector.backbone
     meta = {
         "format": FORMAT,
-        "package_version": _package_version(),
+        "package_version": package_version(),
         "method": name,
         "options": _options(detector),
         "policy": detector.policy,
@@ -195,10 +196,10 @@ def load_detector(path: str | os.PathLike, *, model=None, backbone=None, device=
     leave-one-out threshold is calibrated again for it).
     """
     meta = read_detector_metadata(path)
-    if meta["package_version"] != _package_version():
+    if meta["package_version"] != package_version():
         raise DetectorFileError(
             f"{path} was written by resend-novelty {meta['package_version']}, this is "
-            f"{_package_version()}: fit the detector again with this version (resend fit)")
+            f"{package_version()}: fit the detector again with this version (resend fit)")
     method = meta["method"]
     if method not in SAVABLE_METHODS:
         raise DetectorFileError(f"{path}: unknown method {method!r}")

@@ -44,6 +44,8 @@ import numpy as np
 from ..evaluation import closed_set_accuracy, h_score, novelty_report
 from ..data import DataError
 from ..detectors.calibration import conformal_pvalues
+from ..detectors.persistence import package_version, state_sha256
+from ..transforms import shift_gap
 from .folders import check_disjoint, scan_support, scan_test
 
 __all__ = ["UNKNOWN_NAME", "ScoreResult", "score_folders", "score_test_set", "csv_text"]
@@ -274,10 +276,8 @@ def scoring_record(detector, features) -> dict:
     """How a batch of test features was scored: the detector's policy, which statistics
     normalised the batch and why (the shift gate's gap and decision), a one-line description,
     and the provenance (package version, relational checkpoint, detector file)."""
-    from .. import __version__
-    from ..transforms import shift_gap
-
-    rec = {"policy": dict(getattr(detector, "policy", {}) or {}), "package_version": __version__}
+    rec = {"policy": dict(getattr(detector, "policy", {}) or {}),
+           "package_version": package_version()}
     n = getattr(detector, "normalizer", None)
     size = int(features.shape[0])
     if n is None or not n.active:
@@ -312,7 +312,6 @@ def scoring_record(detector, features) -> dict:
     rec["description"] = desc
     model = getattr(detector, "model", None)
     if model is not None:
-        from ..detectors.persistence import state_sha256
         rec["checkpoint_state_sha256"] = state_sha256(model)
     meta = getattr(detector, "metadata_", None)
     if meta:
