@@ -160,6 +160,10 @@ class ReSeNDDetector(PrototypeDetector):
                                if self.neighbors is not None else None)
             self.z_prototypes_ = model.encode(self.prototypes_.to(self.device))
 
+    def _chunk(self) -> int:
+        """Pairs per relational batch: ``chunk_pairs``, else large on GPU, small on CPU."""
+        return self.chunk_pairs or (65536 if self.device.type == "cuda" else 4096)
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.device.type == "cuda")
@@ -257,39 +261,6 @@ class ReSeNDDetector(PrototypeDetector):
         return u
 
     # ----------------------------------------------------------------- candidate classes
-    def _pair_logits(self, z_i: torch.Tensor, z_j: torch.Tensor, cos: torch.Tensor
-                     ) -> torch.Tensor:
-        """Logits of the token pairs ``(z_i[p], z_j[p])`` (cosines ``cos[p]`` of their features
-        for the cosine skip term), in chunks of ``chunk_pairs``. In eval mode the shared-work
-        path of ``pairwise_logits`` (label token's q/k/v once, last block on the label token
-        only): the same function up to float rounding."""
-        model = self.model
-        chunk = self.chunk_pairs or (65536 if self.device.type == "cuda" else 4096)
-        out = torch.empty(z_i.shape[0], device=self.device)
-        fast = model._fast_pairs()
-        if fast:
-            first, last = model.blocks[0], len(model.blocks) - 1
-            label = model.label_token.reshape(1, -1)
-            with self._autocast():
-                qkv_label = first.qkv(label)
-        for s in range(0, z_i.shape[0], chunk):
-            zi, zj = z_i[s:s + chunk], z_j[s:s + chunk]
-            with self._autocast():
-                if not fast:
-                    out[s:s + chunk] = model.relate(zi, zj).float()
-                    continue
-                p = zi.shape[0]
-                x = torch.stack([label.expand(p, -1), zi, zj], dim=1)
-                qkv = torch.stack([qkv_label.expand(p, -1), first.qkv(zi), first.qkv(zj)], dim=1)
-                x = first.pair_forward(x, qkv, label_only=last == 0, attention=model.attention)
-                for b in range(1, last + 1):
-                    x = model.blocks[b].pair_forward(x, label_only=b == last,
-                                                     attention=model.attention)
-                out[s:s + chunk] = model.head(model.norm(x[:, 0])).squeeze(-1).float()
-        if model.config.cosine_skip:
-            out = out + model.cosine_term(cos.to(out.device)).float()
-        return out
-
     @torch.inference_mode()
     def _candidate_similarities(self, features: torch.Tensor, k: int | None,
                                 loo_index: np.ndarray | None = None) -> torch.Tensor:
@@ -338,17 +309,20 @@ class ReSeNDDetector(PrototypeDetector):
                 if loo_index is not None:
                     is_own = cand == own[:, None]
                     z_p = torch.where(is_own[..., None], z_loo[:, None].to(z_p.dtype), z_p)
-                logit = self._pair_logits(z_x.repeat_interleave(m, 0), z_p.flatten(0, 1),
-                                          pcos.gather(1, cand).flatten())
+                with self._autocast():
+                    logit = model.pair_logits(z_x.repeat_interleave(m, 0), z_p.flatten(0, 1),
+                                              pcos.gather(1, cand).flatten(), self._chunk())
                 score += (1 - w) * logit.view(n, m)
             if k is not None:  # mean logit over the k nearest support images of each candidate
                 vals, near = index.class_topk(cos, k, cand)  # (n, M, k')
                 kk = vals.shape[2]
                 valid = torch.isfinite(vals)
-                logit = self._pair_logits(z_x.repeat_interleave(m * kk, 0),
-                                          self.z_support_[near.flatten().clamp_max(
-                                              self.z_support_.shape[0] - 1)],
-                                          vals.flatten().nan_to_num(neginf=0.0))
+                with self._autocast():
+                    logit = model.pair_logits(z_x.repeat_interleave(m * kk, 0),
+                                              self.z_support_[near.flatten().clamp_max(
+                                                  self.z_support_.shape[0] - 1)],
+                                              vals.flatten().nan_to_num(neginf=0.0),
+                                              self._chunk())
                 score += w * masked_mean(logit.view(n, m, kk), valid)
             u[torch.arange(b0, b0 + n)[:, None], cand.cpu()] = score.float().cpu()
         return u

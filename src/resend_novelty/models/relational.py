@@ -176,6 +176,38 @@ class RelationalModule(nn.Module):
             out = out + self.cosine_term(cos).float()
         return out
 
+    def pair_logits(self, z_i: torch.Tensor, z_j: torch.Tensor, cos: torch.Tensor | None = None,
+                    chunk_pairs: int = 65536) -> torch.Tensor:
+        """Logits ``(P,)`` of the token pairs ``(z_i[p], z_j[p])`` (tokens from :meth:`encode`),
+        in chunks of ``chunk_pairs``, plus the cosine skip term from ``cos[p]`` (the cosines of
+        the pairs' features) where the model has one. In eval mode the shared-work path of
+        :meth:`pairwise_logits` (the label token's q/k/v once, the last block on the label
+        token only): the same function as :meth:`relate` up to float rounding. Run it inside
+        the caller's autocast context for mixed precision."""
+        out = torch.empty(z_i.shape[0], device=z_i.device, dtype=torch.float32)
+        fast = self._fast_pairs()
+        if fast:
+            first, last = self.blocks[0], len(self.blocks) - 1
+            label = self.label_token.reshape(1, -1)
+            qkv_label = first.qkv(label)
+        for s in range(0, z_i.shape[0], chunk_pairs):
+            zi, zj = z_i[s:s + chunk_pairs], z_j[s:s + chunk_pairs]
+            if not fast:
+                out[s:s + chunk_pairs] = self.relate(zi, zj).float()
+                continue
+            p = zi.shape[0]
+            x = torch.stack([label.expand(p, -1), zi, zj], dim=1)
+            qkv = torch.stack([qkv_label.expand(p, -1), first.qkv(zi), first.qkv(zj)], dim=1)
+            x = first.pair_forward(x, qkv, label_only=last == 0, attention=self.attention)
+            for b in range(1, last + 1):
+                x = self.blocks[b].pair_forward(x, label_only=b == last, attention=self.attention)
+            out[s:s + chunk_pairs] = self.head(self.norm(x[:, 0])).squeeze(-1).float()
+        if self.config.cosine_skip:
+            if cos is None:
+                raise ValueError("this model has a cosine skip term: pass the pairs' cosines")
+            out = out + self.cosine_term(cos.to(out.device)).float()
+        return out
+
     def _fast_pairs(self) -> bool:
         """Whether pairwise_logits may use the shared-work path (eval mode, this very relate)."""
         return (
