@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Sequence
 
@@ -304,15 +303,17 @@ class PrototypeDetector(LeaveOneOutCalibration, Detector):
         """A copy of this detector fitted on ``support`` (the support rows, normalised as the
         copy scores: with pooled statistics for the shift gate, raw for the raw view): same
         classes, rows and options, its own references; ``normalizer`` replaces this one's."""
-        view = copy.copy(self)
+        view = type(self)(**dict(self.get_params(), progress=False))
         if normalizer is not None:
             view.normalizer = normalizer
+        else:
+            view.normalizer = self.normalizer
+        for name in self.fitted_attributes:
+            setattr(view, name, getattr(self, name))
+        view.class_names_ = self.class_names
         view.support_features_ = support
         idx = torch.as_tensor(self.support_index_)
         view.prototypes_, _ = class_means(support, idx, len(self.classes_))
-        view.test_prototypes_ = None
-        view._fixed_view = None
-        view._raw = None
         view._restore_fitted()
         return view
 
