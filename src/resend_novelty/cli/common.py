@@ -148,7 +148,8 @@ def detector_factory(args):
     """A function returning a fresh detector configured from the CLI options."""
     cache = feature_cache(args)
     model = None
-    if args.method == "resend":
+    cls = DETECTORS[args.method]
+    if cls.uses_model:
         model = load_checkpoint(args.model)
         bb_name = model.config.backbone
         if args.backbone != bb_name and set(bb_name.split("+")) & set(DOWNLOADING_BACKBONES):
@@ -159,8 +160,7 @@ def detector_factory(args):
             raise ValueError(
                 f"--backbone {args.backbone} differs from the checkpoint's backbone {bb_name}"
             )
-    elif args.model and not (args.method.startswith("ft-")
-                                    and getattr(args, "ft_budget", "resend") == "resend"):
+    elif args.model and not (cls.fine_tunes and getattr(args, "ft_budget", "resend") == "resend"):
         raise ValueError(f"--model is only used by --method resend (and by ft-* methods with "
                          f"--ft-budget resend), not {args.method}")
     else:
@@ -170,15 +170,13 @@ def detector_factory(args):
         backbone=backbone, device=args.device, cache=cache, batch_size=args.batch_size,
         num_workers=args.workers, progress=not args.quiet, engine=getattr(args, "engine", "auto"),
     )
-    common.update(baseline_kwargs(args))
-
-    resend_only = {k: getattr(args, k, None) for k in ("normality", "neighbors", "neighbor_weight",
-                                                    "candidates")}
-    resend_only = {k: v for k, v in resend_only.items() if v is not None}
-    if resend_only and args.method != "resend":
-        flags = "/--".join(k.replace("_", "-") for k in resend_only)
+    # options without a default that this method does not declare (e.g. --neighbors for cosine)
+    foreign = [k for k in ("normality", "neighbors", "neighbor_weight", "candidates")
+               if getattr(args, k, None) is not None and k not in cls.cli_params]
+    if foreign:
+        flags = "/--".join(k.replace("_", "-") for k in foreign)
         raise ValueError(f"--{flags} only apply to --method resend, not {args.method}")
-    common.update(resend_only)
+    common.update(baseline_kwargs(args))  # None: the checkpoint's own
     if getattr(args, "refine", None):
         common["refine"] = args.refine  # detectors without refinement raise a clear error
     if getattr(args, "per_image", False):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..detectors import BASELINES, FT_METHODS
+from ..detectors import BASELINES, DETECTORS
 
 __all__ = ["METHOD_HELP", "add_baseline_options", "baseline_kwargs"]
 
@@ -42,51 +42,42 @@ def add_baseline_options(p: argparse.ArgumentParser) -> None:
 
 
 def baseline_kwargs(args: argparse.Namespace) -> dict:
-    """Detector keyword arguments of ``args.method`` from the options of add_baseline_options."""
-    method = args.method
-    if method == "knn":
-        if getattr(args, "knn_k", 10) < 1:
-            raise ValueError(f"--knn-k must be >= 1, got {args.knn_k}")
-        return {"k": getattr(args, "knn_k", 10)}
-    if method not in FT_METHODS:
-        return {}
-    budget = getattr(args, "ft_budget", "resend")
-    if budget != "resend":
-        try:
-            budget = float(budget)
-        except ValueError:
-            raise ValueError(f"--ft-budget must be 'resend' or seconds, got {budget!r}") from None
-        if not math.isfinite(budget) or budget < 0:  # nan would never end the training
-            raise ValueError(f"--ft-budget must be a finite number of seconds >= 0, got {budget}")
-        if budget == 0:
-            budget = None
-    epochs = getattr(args, "ft_epochs", None)
-    _check_baseline_numbers(args, method)
-    if budget is None and epochs is None:
-        raise ValueError("--ft-budget 0 (no time budget) needs --ft-epochs N")
-    kw = {"budget": budget, "epochs": epochs, "hidden": getattr(args, "ft_hidden", None),
-          "lr": getattr(args, "ft_lr", 1e-2), "budget_model": getattr(args, "model", None)}
-    if method == "ft-odin":
-        kw.update(temperature=getattr(args, "odin_temperature", 1000.0),
-                  odin_eps=getattr(args, "odin_eps", 0.0014))
-    return kw
+    """Detector keyword arguments of ``args.method`` from the options of add_baseline_options:
+    the options its class declares (``cli_params``: {argparse dest: parameter}), checked."""
+    params = DETECTORS[args.method].cli_params
+    given = {dest: getattr(args, dest) for dest in params if hasattr(args, dest)}
+    _check_baseline_numbers(given)
+    if "ft_budget" in given:
+        budget = given["ft_budget"]
+        if budget != "resend":
+            try:
+                budget = float(budget)
+            except ValueError:
+                raise ValueError(f"--ft-budget must be 'resend' or seconds, got {budget!r}") from None
+            if not math.isfinite(budget) or budget < 0:  # nan would never end the training
+                raise ValueError(f"--ft-budget must be a finite number of seconds >= 0, got {budget}")
+            if budget == 0:
+                budget = None
+        if budget is None and given.get("ft_epochs") is None:
+            raise ValueError("--ft-budget 0 (no time budget) needs --ft-epochs N")
+        given["ft_budget"] = budget
+    return {params[dest]: value for dest, value in given.items()}
 
 
-def _check_baseline_numbers(args, method: str) -> None:
-    """Refuse ft-* option values that would train nothing or silently misbehave."""
-    epochs = getattr(args, "ft_epochs", None)
-    if epochs is not None and epochs < 1:
-        raise ValueError(f"--ft-epochs must be >= 1, got {epochs}")
-    hidden = getattr(args, "ft_hidden", None)
-    if hidden is not None and hidden < 0:
-        raise ValueError(f"--ft-hidden must be >= 0 (0 = linear head), got {hidden}")
-    lr = getattr(args, "ft_lr", 1e-2)
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"--ft-lr must be a finite number > 0, got {lr}")
-    if method == "ft-odin":
-        t = getattr(args, "odin_temperature", 1000.0)
-        if not (math.isfinite(t) and t > 0):
-            raise ValueError(f"--odin-temperature must be a finite number > 0, got {t}")
-        eps = getattr(args, "odin_eps", 0.0014)
-        if not (math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"--odin-eps must be a finite number >= 0, got {eps}")
+#: the numeric options of the baselines and what they must be: (check, requirement)
+_NUMBER_RULES = {
+    "knn_k": (lambda v: v >= 1, ">= 1"),
+    "ft_epochs": (lambda v: v >= 1, ">= 1"),
+    "ft_hidden": (lambda v: v >= 0, ">= 0 (0 = linear head)"),
+    "ft_lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "odin_temperature": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "odin_eps": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+}
+
+
+def _check_baseline_numbers(given: dict) -> None:
+    """Refuse option values that would train nothing or silently misbehave."""
+    for dest, value in given.items():
+        rule = _NUMBER_RULES.get(dest)
+        if rule is not None and value is not None and not rule[0](value):
+            raise ValueError(f"--{dest.replace('_', '-')} must be {rule[1]}, got {value}")

@@ -78,7 +78,7 @@ def run(args) -> int:
                 det.threshold_rule_ = {"source": "given", "policy": det.policy}
             det.class_names_ = names
             checkpoint = None
-            if args.method == "resend":
+            if det.uses_model:
                 checkpoint = args.model or default_checkpoint_path()
             path = save_detector(det, args.out, checkpoint=checkpoint, overwrite=args.overwrite,
                                  extra={"support": str(args.support)})

@@ -140,6 +140,12 @@ class Detector:
 
     name = "detector"
     description = ""
+    # takes a relational checkpoint (``model=``): its name and SHA-256 go into detector files
+    uses_model = False
+    # trains a classifier head on the support set (the paper's fine-tuning baselines)
+    fine_tunes = False
+    # command-line options of the method: {argparse dest: constructor parameter}
+    cli_params: dict[str, str] = {}
     # the normality needs at least two known classes (max-softmax: always 1 with one class)
     needs_two_classes = False
 

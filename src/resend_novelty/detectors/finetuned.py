@@ -140,6 +140,11 @@ def train_head(features: torch.Tensor, targets: torch.Tensor, n_classes: int, *,
     return head, info
 
 
+#: command-line options of the fine-tuning baselines: {argparse dest: constructor parameter}
+FT_CLI_PARAMS = {"ft_budget": "budget", "ft_epochs": "epochs", "ft_hidden": "hidden", "ft_lr": "lr",
+                  "model": "budget_model"}
+
+
 class FineTunedDetector(NoLOOCalibrationMixin, PrototypeDetector):
     """A new classifier head fine-tuned on the support features, scored by an OOD detector.
 
@@ -155,6 +160,8 @@ class FineTunedDetector(NoLOOCalibrationMixin, PrototypeDetector):
     """
 
     name = "ft"
+    fine_tunes = True
+    cli_params = FT_CLI_PARAMS
     SCORES = ("msp", "maxlogit", "energy", "odin", "gradnorm", "mahalanobis")
     default_score = "msp"
     default_hidden = 0
@@ -290,10 +297,12 @@ class FineTunedDetector(NoLOOCalibrationMixin, PrototypeDetector):
         return np.where(normality >= threshold, pred, UNKNOWN)
 
 
-def _variant(name: str, score: str, description: str, hidden: int = 0) -> type:
+def _variant(name: str, score: str, description: str, hidden: int = 0,
+             cli_params: dict | None = None) -> type:
     """The registered ``ft-<score>`` detector: a FineTunedDetector with that default score."""
     return type(f"FineTuned_{score}", (FineTunedDetector,),
                 {"name": name, "default_score": score, "default_hidden": hidden,
+                 "cli_params": {**FT_CLI_PARAMS, **(cli_params or {})},
                  "description": description, "__module__": __name__,
                  "__doc__": f"Head fine-tuned on the support features, scored by {score}."})
 
@@ -304,7 +313,8 @@ FT_DETECTORS = {
     "ft-maxlogit": _variant("ft-maxlogit", "maxlogit", "max logit of the fine-tuned head"),
     "ft-energy": _variant("ft-energy", "energy", "energy score of the fine-tuned head"),
     "ft-odin": _variant("ft-odin", "odin",
-                        "ODIN (T=1000, perturbation in feature space) on the fine-tuned head"),
+                        "ODIN (T=1000, perturbation in feature space) on the fine-tuned head",
+                        cli_params={"odin_temperature": "temperature", "odin_eps": "odin_eps"}),
     "ft-gradnorm": _variant("ft-gradnorm", "gradnorm",
                             "GradNorm w.r.t. the last layer of the fine-tuned head"),
     "ft-mahalanobis": _variant("ft-mahalanobis", "mahalanobis",

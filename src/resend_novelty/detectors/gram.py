@@ -21,7 +21,7 @@ from torch import nn
 from ..backbones import Backbone
 from ..features import InputFeatures, input_features
 from .base import UNKNOWN
-from .finetuned import FineTunedDetector
+from .finetuned import FT_CLI_PARAMS, FineTunedDetector
 from .prototype import NoLOOCalibrationMixin, PrototypeDetector
 
 __all__ = ["GramStats", "GramDetector", "FineTunedGramDetector", "gram_statistics"]
@@ -242,6 +242,8 @@ class FineTunedGramDetector(GramDetector):
     """``ft-gram``: Gram deviations, class predicted by a head fine-tuned on the support set."""
 
     name = "ft-gram"
+    fine_tunes = True
+    cli_params = FT_CLI_PARAMS
     description = "Gram deviations, class predicted by the fine-tuned head"
 
     def __init__(self, fine_tune: bool = True, **kwargs):

@@ -23,6 +23,7 @@ class KNNDetector(PrototypeDetector):
     """u_k = mean cosine to the ``k`` nearest support features of class k; normality = max_k u_k."""
 
     name = "knn"
+    cli_params = {"knn_k": "k"}
     description = "max over classes of the mean cosine to the K nearest support features of the class"
 
     def __init__(self, k: int = 10, chunk: int = 1024, **kwargs):

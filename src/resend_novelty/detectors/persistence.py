@@ -151,7 +151,8 @@ def save_detector(detector: PrototypeDetector, path: str | os.PathLike, *,
         "threshold_rule": _threshold_rule(detector),
         "backbone": {"name": bb.name, "cache_namespace": bb.cache_namespace,
                      "sha256": state_sha256(bb)},
-        "checkpoint": (_checkpoint_info(detector.model, checkpoint) if name == "resend" else None),
+        "checkpoint": (_checkpoint_info(detector.model, checkpoint) if detector.uses_model
+                       else None),
         "extra": extra or {},
     }
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
@@ -213,7 +214,7 @@ def load_detector(path: str | os.PathLike, *, model=None, backbone=None, device=
     kwargs = dict({"shift_threshold": 0.0, "raw_weight": 0.0}, **meta["options"], backbone=bb,
                   device=device, cache=cache, batch_size=batch_size, num_workers=num_workers,
                   progress=progress, engine=engine)
-    if method == "resend":
+    if DETECTORS[method].uses_model:
         kwargs["model"] = _load_model(path, meta["checkpoint"], model)
     unknown = sorted(set(meta["options"]) - set(DETECTORS[method]._param_defaults()))
     if unknown:

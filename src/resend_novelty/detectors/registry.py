@@ -26,7 +26,7 @@ BASELINES: dict[str, type[PrototypeDetector]] = {
     **FT_DETECTORS,
     "ft-gram": FineTunedGramDetector,
 }
-FT_METHODS = tuple(m for m in BASELINES if m.startswith("ft-"))
+FT_METHODS = tuple(m for m, cls in BASELINES.items() if cls.fine_tunes)
 
 DETECTORS: dict[str, type[PrototypeDetector]] = {
     "resend": ReSeNDDetector,
@@ -42,8 +42,9 @@ def build_detector(method: str, model=None, **kwargs) -> PrototypeDetector:
     """Detector by name (a key of :data:`DETECTORS`); ``model`` is used by ``resend`` only."""
     if method not in DETECTORS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(DETECTORS)}")
-    if method == "resend":
-        return ReSeNDDetector(model=model, **kwargs)
+    cls = DETECTORS[method]
+    if cls.uses_model:
+        return cls(model=model, **kwargs)
     if model is not None:
         raise ValueError(f"--model is only used by the resend method, not {method!r}")
-    return DETECTORS[method](**kwargs)
+    return cls(**kwargs)

@@ -77,6 +77,9 @@ class ReSeNDDetector(PrototypeDetector):
     """
 
     name = "resend"
+    uses_model = True
+    cli_params = {"normality": "normality", "neighbors": "neighbors",
+                  "neighbor_weight": "neighbor_weight", "candidates": "candidates"}
     description = "relational similarities to the class prototypes (the paper's method)"
     needs_two_classes = True
     supports_refinement = True
