@@ -307,11 +307,13 @@ class Detector:
             threshold = self.threshold_for_features(features)
         normality, pred = self.score_and_nearest_features(features)
         out = np.where(normality >= float(threshold), pred, UNKNOWN)
-        if not names:
-            return out
+        return self._named(out) if names else out
+
+    def _named(self, pred: np.ndarray) -> np.ndarray:
+        """Class ids (or UNKNOWN) -> class names (or "unknown")."""
         lookup = dict(zip(np.asarray(self.classes_).tolist(), self.class_names))
         return np.array([lookup.get(int(p), "unknown") if p != UNKNOWN else "unknown"
-                         for p in out], dtype=object)
+                         for p in pred], dtype=object)
 
     @property
     def class_names(self) -> list[str]:

@@ -235,6 +235,7 @@ class FineTunedDetector(NoLOOCalibrationMixin, PrototypeDetector):
         self.ft_info_ = {"budget_s": seconds, **info, "hidden": self.hidden}
         for p in self.head_.parameters():
             p.requires_grad_(False)
+        self._maha = None
         if self.score_name == "mahalanobis":
             penult = self._penultimate
             with torch.no_grad():
@@ -266,21 +267,10 @@ class FineTunedDetector(NoLOOCalibrationMixin, PrototypeDetector):
         x = self.head_features(features)
         self._ensure_trained(x)
         x = x.to(self.device)
-        ood = require_pytorch_ood()
-        head, name, t = self.head_, self.score_name, self.temperature
-        if name == "mahalanobis":
+        if self._maha is not None:  # score "mahalanobis": on the head's hidden layer
             with torch.no_grad():
                 return -self._maha.predict_features(self._penultimate(x).double()).float().cpu()
-        if name == "msp":
-            det = ood.MaxSoftmax(head, t=t)
-        elif name == "maxlogit":
-            det = ood.MaxLogit(head)
-        elif name == "energy":
-            det = ood.EnergyBased(head, t=t)
-        elif name == "odin":
-            det = ood.ODIN(head, eps=self.odin_eps, temperature=t)
-        else:  # gradnorm, w.r.t. the last layer's weights (as in the paper)
-            det = ood.GradNorm(head, param_filter=lambda n: n == "fc.weight", temperature=t)
+        det = _OOD_SCORES[self.score_name](require_pytorch_ood(), self)
         out = []
         for i in range(0, len(x), 1024):
             out.append(-det.predict(x[i : i + 1024]).detach().float().cpu())
@@ -289,12 +279,26 @@ class FineTunedDetector(NoLOOCalibrationMixin, PrototypeDetector):
     def score_features(self, features) -> np.ndarray:
         return self.normality_features(self.prepare_features(features)).numpy()
 
-    def predict_features(self, features, threshold: float | None = None) -> np.ndarray:
+    def predict_features(self, features, threshold: float | None = None,
+                         names: bool = False) -> np.ndarray:
         threshold = self._threshold(threshold)
         features = self.prepare_features(features)
         normality = self.normality_features(features).numpy()
         pred = self.nearest_class_features(features)
-        return np.where(normality >= threshold, pred, UNKNOWN)
+        out = np.where(normality >= threshold, pred, UNKNOWN)
+        return self._named(out) if names else out
+
+
+#: the pytorch-ood detector of each head score (``mahalanobis`` is fitted on the hidden layer)
+_OOD_SCORES = {
+    "msp": lambda ood, d: ood.MaxSoftmax(d.head_, t=d.temperature),
+    "maxlogit": lambda ood, d: ood.MaxLogit(d.head_),
+    "energy": lambda ood, d: ood.EnergyBased(d.head_, t=d.temperature),
+    "odin": lambda ood, d: ood.ODIN(d.head_, eps=d.odin_eps, temperature=d.temperature),
+    # GradNorm w.r.t. the last layer's weights (as in the paper)
+    "gradnorm": lambda ood, d: ood.GradNorm(d.head_, param_filter=lambda n: n == "fc.weight",
+                                            temperature=d.temperature),
+}
 
 
 def _variant(name: str, score: str, description: str, hidden: int = 0,

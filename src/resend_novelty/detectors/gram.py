@@ -20,7 +20,6 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..features import InputFeatures, input_features
-from .base import UNKNOWN
 from .finetuned import FT_CLI_PARAMS, FineTunedDetector
 from .prototype import NoLOOCalibrationMixin, PrototypeDetector
 
@@ -232,10 +231,6 @@ class GramDetector(NoLOOCalibrationMixin, PrototypeDetector):
     def ft_info_(self) -> dict:
         return {} if self._ft is None else self._ft.ft_info_
 
-    def predict_features(self, features, threshold: float | None = None) -> np.ndarray:
-        threshold = self._threshold(threshold)
-        normality = self.score_features(features)
-        return np.where(normality >= threshold, self.nearest_class_features(features), UNKNOWN)
 
 
 class FineTunedGramDetector(GramDetector):
