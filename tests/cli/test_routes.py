@@ -15,10 +15,9 @@ import torch
 from conftest import COLORS, make_image
 
 from resend_novelty.cli import main
-from resend_novelty.data import list_images
 from resend_novelty.detectors import (CosineDetector, ReSeNDDetector, clone, load_detector,
                                       save_detector)
-from resend_novelty.models import RelationalConfig, RelationalModule, save_checkpoint
+from resend_novelty.models import RelationalConfig, RelationalModule
 
 # the gate and the raw view are on, so that every part of the policy is exercised
 OPTS = ["--method", "cosine-standardized", "--backbone", "tiny_test_cnn",
