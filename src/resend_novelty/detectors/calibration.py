@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ..transforms import normalize
 from .loo import leave_one_out_similarities
 
-__all__ = ["LeaveOneOutCalibration", "policy_loo_scores", "threshold_at_recall",
+__all__ = ["LeaveOneOutCalibration", "NoLOOCalibrationMixin", "policy_loo_scores", "threshold_at_recall",
            "conformal_pvalues", "leave_class_out_rejection",
            "MAX_LOO_IMAGES", "MAX_REFITS", "RULE"]
 
@@ -269,38 +269,6 @@ class LeaveOneOutCalibration:
             raise ValueError("threshold calibration needs a support of one domain (fit without "
                              "domains=); pass an explicit threshold for a multi-source support")
 
-    def set_policy(self, per_image: bool) -> "LeaveOneOutCalibration":
-        """Score per image (``True``) or transductively (``False``) from now on.
-
-        A threshold is valid for the policy it was calibrated in: a leave-one-out threshold is
-        calibrated again for the new policy from the fitted support (no image needed); a
-        threshold given as a number for another policy is refused (ValueError): drop it
-        (``threshold_ = None``) or set a new one."""
-        per_image = bool(per_image)
-        if per_image == self.per_image:
-            return self
-        if per_image and self.refine:
-            raise ValueError("per-image scoring: this detector refines prototypes on the test "
-                             "images scored together (refine > 0); fit it without refinement")
-        if per_image and self.normalizer.test_mean_ is not None:
-            raise ValueError("per-image scoring uses the support statistics: this detector has "
-                             "fixed test statistics (set_test_mean); call set_test_mean(None)")
-        threshold = getattr(self, "threshold_", None)
-        rule = dict(getattr(self, "threshold_rule_", None) or {})
-        if threshold is not None and rule.get("source") != RULE:
-            old = "per-image" if self.per_image else "transductive"
-            raise ValueError(
-                f"the threshold {threshold:.4g} ({rule.get('source', 'given')}) was set for "
-                f"{old} scoring and does not hold for "
-                f"{'per-image' if per_image else 'transductive'} scoring: calibrate it again "
-                "(tpr) or give a threshold for that mode")
-        self.normalizer.per_image = per_image
-        self.__dict__.setdefault("_params", {})["per_image"] = per_image
-        self._raw = self._fixed_view = None
-        if threshold is not None:
-            self._calibrate_fitted(*self.support_set(), float(rule["tpr"]))
-        return self
-
     def support_set(self) -> tuple[torch.Tensor, np.ndarray]:
         """The fitted support as it was given: unnormalised features and labels (needs one
         support domain when a domain normalisation is active)."""
@@ -383,3 +351,24 @@ class LeaveOneOutCalibration:
             raise ValueError(f"tpr must be in (0, 1], got {tpr}")
         feats, labels = self._fit_input(support, labels)
         return self._calibrate_fitted(feats, labels, float(tpr))
+
+
+class NoLOOCalibrationMixin:
+    """Mixin for detectors whose normality is not a function of the class similarities u.
+
+    Their ``score_features`` is their own, so the shortcut of :class:`PrototypeDetector` that
+    derives the normality and the nearest class from one pass over u is redirected to it; and
+    leave-one-out calibration (defined for prototype-style detectors) is refused.
+    """
+
+    def score_and_nearest_features(self, features) -> tuple[np.ndarray, np.ndarray]:
+        return self.score_features(features), self.nearest_class_features(features)
+
+    def calibrate(self, *args, **kwargs):
+        raise ValueError(
+            f"leave-one-out threshold calibration is not available for method {self.name!r} "
+            "(defined for the prototype methods resend/cosine/euclidean/knn/mahalanobis); "
+            "pass an explicit threshold"
+        )
+
+    calibrate_features = calibrate
