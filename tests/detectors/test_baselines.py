@@ -423,3 +423,22 @@ def test_ablation_trains_with_the_same_pipeline(arch, loss, tmp_path):
     model = load_checkpoint(tmp_path / "r" / "final.safetensors")
     assert model.config.arch == arch and type(model).__name__ == "AggregationModule"
     json.dumps(summary)
+
+
+def test_reports_use_the_baselines_own_normality():
+    """`resend score --method ft-*` reports the method's score (e.g. MSP), not max(u) of its
+    logits: score_similarities_features gives the same normality as score_features."""
+    import warnings
+
+    from resend_novelty.detectors import FT_DETECTORS, PrototypeDetector, SupportDetector
+
+    torch.manual_seed(0)
+    f, y, q = torch.randn(30, 16), np.repeat(np.arange(3), 10), torch.randn(8, 16)
+    det = FT_DETECTORS["ft-msp"](backbone=None, budget=None, epochs=3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det.fit_features(f, y)
+        normality, u = det.score_similarities_features(q)
+    np.testing.assert_allclose(normality, det.score_features(q), rtol=1e-6)
+    assert u.shape == (8, 3)
+    assert isinstance(det, SupportDetector) and not isinstance(det, PrototypeDetector)

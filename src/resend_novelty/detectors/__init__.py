@@ -1,7 +1,10 @@
 """Novelty detectors: ReSeND and the baselines of the paper, under one fit/score/predict API.
 
 - :mod:`.base`: :class:`Detector`, the API (inputs, support validation, thresholds), UNKNOWN;
-- :mod:`.prototype`: :class:`PrototypeDetector`, class prototypes and leave-one-out calibration;
+- :mod:`.support`: :class:`SupportDetector`, the support's classes and class means, the base
+  of every method; :mod:`.policy`: the scoring policy (mode, normalisation, gate, raw weight);
+- :mod:`.prototype`: :class:`PrototypeDetector`, normality from the similarities to the
+  prototypes; :mod:`.calibration`: thresholds calibrated in the scoring policy;
 - one method per file: :mod:`.resend`, :mod:`.cosine`, :mod:`.euclidean`, :mod:`.knn`,
   :mod:`.mahalanobis`, :mod:`.finetuned` (ft-*), :mod:`.gram` (gram, ft-gram);
 - :mod:`.registry`: :data:`DETECTORS` and :func:`build_detector`;
@@ -17,7 +20,9 @@ from .gram import FineTunedGramDetector, GramDetector, GramStats, gram_statistic
 from .knn import KNNDetector
 from .mahalanobis import MahalanobisDetector, fit_mahalanobis, require_pytorch_ood
 from .loo import class_means, leave_one_out_similarities
-from .prototype import NoLOOCalibrationMixin, PrototypeDetector
+from .calibration import NoLOOCalibrationMixin
+from .prototype import PrototypeDetector
+from .support import SupportDetector
 from .registry import BASELINES, DETECTORS, FT_METHODS, build_detector
 from .persistence import (SAVABLE_METHODS, DetectorFileError, load_detector,  # noqa: E402
                           read_detector_metadata, save_detector)
@@ -26,7 +31,7 @@ from .threshold import THRESHOLD_SOURCES, test_mode_threshold
 
 __all__ = [
     "UNKNOWN", "Detector", "fit_support", "clone",
-    "PrototypeDetector", "NoLOOCalibrationMixin", "class_means", "leave_one_out_similarities",
+    "SupportDetector", "PrototypeDetector", "NoLOOCalibrationMixin", "class_means", "leave_one_out_similarities",
     "ReSeNDDetector", "CosineDetector", "CenteredCosineDetector", "StandardizedCosineDetector",
     "EuclideanDetector", "KNNDetector", "MahalanobisDetector", "fit_mahalanobis",
     "require_pytorch_ood", "FineTunedDetector", "FT_DETECTORS", "resend_eval_seconds",

@@ -276,6 +276,10 @@ class Detector:
         whose threshold depends on the images scored together overrides this)."""
         return self._threshold(None)
 
+    def threshold_and_scores_features(self, features) -> tuple[float, np.ndarray | None]:
+        """``(threshold_for_features, the left-out support scores it rests on or None)``."""
+        return self.threshold_for_features(features), None
+
     def decision_function_features(self, features) -> np.ndarray:
         """Normality minus the threshold: >= 0 accepted as known, < 0 flagged unknown."""
         threshold = self.threshold_for_features(features)

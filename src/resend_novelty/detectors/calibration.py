@@ -354,15 +354,9 @@ class LeaveOneOutCalibration:
 
 
 class NoLOOCalibrationMixin:
-    """Mixin for detectors whose normality is not a function of the class similarities u.
-
-    Their ``score_features`` is their own, so the shortcut of :class:`PrototypeDetector` that
-    derives the normality and the nearest class from one pass over u is redirected to it; and
-    leave-one-out calibration (defined for prototype-style detectors) is refused.
-    """
-
-    def score_and_nearest_features(self, features) -> tuple[np.ndarray, np.ndarray]:
-        return self.score_features(features), self.nearest_class_features(features)
+    """Mixin for detectors whose normality is not a function of the class similarities u
+    (``ft-*``, ``gram``): leave-one-out calibration (defined for the prototype methods) is
+    refused with a clear error."""
 
     def calibrate(self, *args, **kwargs):
         raise ValueError(

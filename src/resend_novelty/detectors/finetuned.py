@@ -44,7 +44,8 @@ from torch import nn
 from ..models import load_checkpoint
 from .base import UNKNOWN
 from .mahalanobis import fit_mahalanobis, require_pytorch_ood
-from .prototype import NoLOOCalibrationMixin, PrototypeDetector
+from .calibration import NoLOOCalibrationMixin
+from .support import SupportDetector
 from .resend import ReSeNDDetector
 
 __all__ = ["FineTunedDetector", "FT_DETECTORS", "resend_eval_seconds", "train_head"]
@@ -145,7 +146,7 @@ FT_CLI_PARAMS = {"ft_budget": "budget", "ft_epochs": "epochs", "ft_hidden": "hid
                   "model": "budget_model"}
 
 
-class FineTunedDetector(NoLOOCalibrationMixin, PrototypeDetector):
+class FineTunedDetector(NoLOOCalibrationMixin, SupportDetector):
     """A new classifier head fine-tuned on the support features, scored by an OOD detector.
 
     ``score``: msp | maxlogit | energy | odin | gradnorm | mahalanobis. ``budget``: ``"resend"``

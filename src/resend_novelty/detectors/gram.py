@@ -21,7 +21,8 @@ from torch import nn
 from ..backbones import Backbone
 from ..features import InputFeatures, input_features
 from .finetuned import FT_CLI_PARAMS, FineTunedDetector
-from .prototype import NoLOOCalibrationMixin, PrototypeDetector
+from .calibration import NoLOOCalibrationMixin
+from .support import SupportDetector
 
 __all__ = ["GramStats", "GramDetector", "FineTunedGramDetector", "gram_statistics"]
 
@@ -104,7 +105,7 @@ class GramStats(Backbone):
         return torch.cat(stats, dim=1).float()
 
 
-class GramDetector(NoLOOCalibrationMixin, PrototypeDetector):
+class GramDetector(NoLOOCalibrationMixin, SupportDetector):
     """Gram-matrix deviations (Sastry & Oore, ICML 2020) of intermediate backbone feature maps.
 
     Features: ``[pooled backbone feature (D) | Gram statistics (S)]`` (both cached on disk). Fit:

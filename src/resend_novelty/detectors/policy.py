@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 
 from ..features import check_features
@@ -291,16 +290,3 @@ class ScoringPolicy:
         if protos is None:
             return view.similarities_features(x)
         return view.similarities_features(x, prototypes=protos)
-
-    def score_similarities_features(self, features) -> tuple[np.ndarray, torch.Tensor]:
-        """``(normality (N,), u (N, K))`` of test features scored together: ``u`` as
-        :meth:`test_similarities_features`; the normality from it, mixed with that of the raw
-        view when :attr:`hedged`."""
-        u = self._test_similarities(features)
-        normality = self.normality_from_similarities(u)
-        if self.hedged:
-            raw = self._raw_view()
-            normality = self._mix_raw(normality, raw.normality_from_similarities(
-                raw._test_similarities(features)))
-        return normality.numpy(), u
-

@@ -14,12 +14,12 @@ from .finetuned import FT_DETECTORS
 from .gram import FineTunedGramDetector, GramDetector
 from .knn import KNNDetector
 from .mahalanobis import MahalanobisDetector
-from .prototype import PrototypeDetector
+from .support import SupportDetector
 from .resend import ReSeNDDetector
 
 __all__ = ["DETECTORS", "BASELINES", "FT_METHODS", "build_detector"]
 
-BASELINES: dict[str, type[PrototypeDetector]] = {
+BASELINES: dict[str, type[SupportDetector]] = {
     "knn": KNNDetector,
     "mahalanobis": MahalanobisDetector,
     "gram": GramDetector,
@@ -28,7 +28,7 @@ BASELINES: dict[str, type[PrototypeDetector]] = {
 }
 FT_METHODS = tuple(m for m, cls in BASELINES.items() if cls.fine_tunes)
 
-DETECTORS: dict[str, type[PrototypeDetector]] = {
+DETECTORS: dict[str, type[SupportDetector]] = {
     "resend": ReSeNDDetector,
     "cosine": CosineDetector,
     "cosine-centered": CenteredCosineDetector,
@@ -38,7 +38,7 @@ DETECTORS: dict[str, type[PrototypeDetector]] = {
 }
 
 
-def build_detector(method: str, model=None, **kwargs) -> PrototypeDetector:
+def build_detector(method: str, model=None, **kwargs) -> SupportDetector:
     """Detector by name (a key of :data:`DETECTORS`); ``model`` is used by ``resend`` only."""
     if method not in DETECTORS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(DETECTORS)}")
