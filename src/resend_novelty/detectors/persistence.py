@@ -41,8 +41,8 @@ __all__ = ["FORMAT", "SAVABLE_METHODS", "DetectorFileError", "save_detector", "l
            "read_detector_metadata", "state_sha256", "package_version"]
 
 FORMAT = "resend-detector-v1"
-SAVABLE_METHODS = ("resend", "cosine", "cosine-centered", "cosine-standardized", "euclidean",
-                   "knn", "mahalanobis")
+# the prototype methods: their fitted state is class statistics of the support features
+SAVABLE_METHODS = tuple(m for m, cls in DETECTORS.items() if issubclass(cls, PrototypeDetector))
 _PREFIX = "fitted."
 
 

@@ -44,7 +44,7 @@ import numpy as np
 from ..evaluation import closed_set_accuracy, h_score, novelty_report
 from ..data import DataError
 from ..detectors.calibration import conformal_pvalues
-from ..detectors.persistence import package_version, state_sha256
+from ..detectors.persistence import RUNTIME_PARAMS, package_version, state_sha256
 from ..transforms import shift_gap
 from .folders import check_disjoint, scan_support, scan_test
 
@@ -310,6 +310,7 @@ def scoring_record(detector, features) -> dict:
         rec["gate"] = "pooled" if rec["statistics"] == "pooled" else "per-domain statistics"
         desc += f"; shift gap {gap:.3f} vs gate {n.shift_threshold:g}"
     rec["description"] = desc
+    rec["options"] = resolved_options(detector)
     model = getattr(detector, "model", None)
     if model is not None:
         rec["checkpoint_state_sha256"] = state_sha256(model)
@@ -318,6 +319,34 @@ def scoring_record(detector, features) -> dict:
         rec["detector_file"] = {"checkpoint": meta.get("checkpoint"),
                                 "package_version": meta.get("package_version")}
     return rec
+
+
+def resolved_options(detector) -> dict:
+    """Each option that changes the scores: ``{name: {"value", "source"}}``, the value in force
+    (a checkpoint default resolved) and where it came from: "detector file", "given" (a flag
+    or argument), "checkpoint" (the relational checkpoint's default) or "default"."""
+    if not hasattr(detector, "get_params"):
+        return {}
+    given = detector.__dict__.get("_params", {})
+    from_file = getattr(detector, "metadata_", None) is not None
+    aliases = {"center": "domain_norm"}  # parameter -> attribute holding its resolved value
+    out = {}
+    for name, value in detector.get_params().items():
+        if name in RUNTIME_PARAMS:
+            continue
+        resolved = getattr(detector, aliases.get(name, name), value)
+        if not isinstance(resolved, (bool, int, float, str, type(None))):
+            resolved = value
+        if from_file:
+            source = "detector file"
+        elif name in given and given[name] is not None:
+            source = "given"
+        elif value is None and resolved is not None:
+            source = "checkpoint"
+        else:
+            source = "default"
+        out[name] = {"value": resolved, "source": source}
+    return out
 
 
 def _check_finite(normality, paths, detector) -> None:
