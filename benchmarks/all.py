@@ -63,7 +63,8 @@ class Step:
 
 # the paper's order (Table 1 .. Table 4), then this project's own sections
 ORDER = ("pacs", "paper-table2", "paper-table3", "osdg-pacs", "generalisation", "shift-gaps",
-         "selection", "selection-per-image", "thresholds", "speed")
+         "selection", "selection-per-image", "thresholds", "threshold-promise", "deploy-routes",
+         "speed")
 
 STEPS = (
     Step("pacs", "pacs", "pacs.py", minutes=3),
@@ -80,6 +81,8 @@ STEPS = (
          ("--which", "per-image", "--results", "{state}"), minutes=17,
          helpers=("generalisation.py",)),
     Step("thresholds", "thresholds", "thresholds.py", minutes=4),
+    Step("threshold-promise", "threshold-promise", "threshold_promise.py", minutes=20),
+    Step("deploy-routes", "deploy-routes", "deploy_routes.py", minutes=3),
     Step("speed-a", "speed", "speed.py", ("--parts", "a", "--quiet"), minutes=1,
          marker="<!-- speed part a -->"),
     Step("speed-b", "speed", "speed.py", ("--parts", "b", "--quiet"), minutes=2,

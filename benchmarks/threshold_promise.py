@@ -17,7 +17,7 @@ the statistics of the test batch where the shift gate pools it with the support)
   images (the best any threshold on these scores can do at the asked recall).
 
 The summary line gives, over all cells and both policies, the median |recall - 0.95| and the
-median (oracle - rejected). Writes section ``threshold_promise`` of BENCHMARKS.md.
+median (oracle - rejected). Writes section ``threshold-promise`` of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     md = render(results, episodes, args.seed, time.time() - t0)
     print(md)
     if not args.no_write:
-        update_section("threshold_promise", md)
+        update_section("threshold-promise", md)
     return 0
 
 
