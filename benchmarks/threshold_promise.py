@@ -3,8 +3,8 @@ threshold calibrated for recall 0.95, the unknowns it rejects, and the best poss
 
     RESEND_CACHE=DIR python benchmarks/threshold_promise.py --data-root ../shared/data [--quick]
 
-For every intra-domain cell (flowers12, butterflies10, scene15, each PACS domain alone) at 5, 10
-and 20 support images per class, seeded episodes (half of the classes known, half unknown) are
+For every intra-domain cell (flowers12, the Tiny-ImageNet classes held out of pretraining,
+butterflies10, scene15, each PACS domain alone) at 5, 10 and 20 support images per class, seeded episodes (half of the classes known, half unknown) are
 scored by the default ReSeND detector in each scoring policy (transductive, per image). The
 threshold comes from the support alone (``calibrate(support, tpr=0.95)``, the rule recorded in
 ``calibration_``), exactly as ``resend fit`` sets it, and is applied as ``resend score`` and
@@ -35,7 +35,7 @@ from resend_novelty import ReSeNDDetector
 from resend_novelty.data import scan_class_folders
 from resend_novelty.detectors.calibration import threshold_at_recall
 from resend_novelty.evaluation import FeaturePool, intra_episodes
-from resend_novelty.evaluation.suite import PACS_DOMAINS
+from resend_novelty.evaluation.suite import PACS_DOMAINS, tiny_records
 from resend_novelty.features import extract_features
 from resend_novelty.models import load_checkpoint
 
@@ -63,6 +63,12 @@ def pools(data_root: Path, backbone, progress: bool) -> dict[str, FeaturePool]:
                                                        "support"),
                                                       (data_root / "flowers12" / "test", "test")],
                               progress)}
+    sup, test, _, _ = tiny_records(data_root, per_class=50)  # held-out Tiny-ImageNet classes
+    recs = sup + test
+    out["tiny"] = FeaturePool("tiny", {"ft": extract_features(
+        backbone, [r.path for r in recs], progress=progress, desc="tiny features")},
+        np.array([r.label for r in recs]), np.full(len(recs), "photo"),
+        np.array(["support"] * len(sup) + ["test"] * len(test)))
     for name in ("butterflies10", "scene15"):
         out[name] = _pool(name, backbone, [(data_root / name, "any")], progress)
     for d in PACS_DOMAINS:

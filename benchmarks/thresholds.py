@@ -46,11 +46,13 @@ def _support_threshold(loo_scores: np.ndarray, tpr: float) -> float:
 def _rules(det, s_feats, s_labels, domains, q_feats, is_known, tprs) -> dict:
     """{tpr: {rule: {recall, unknown_rejected, threshold}}}; one fit and one LOO pass."""
     det.fit_features(s_feats, s_labels, domains=domains)
-    det._calibrate_fitted(s_feats, s_labels, tprs[0])  # LOO on the fitted support (as calibrate)
+    det._calibrate_fitted(s_feats, s_labels, tprs[0], domains=domains)  # as calibrate
     scores = det.score_features(q_feats)
+    # the left-out scores the decision rests on (read again for a batch the shift gate pools)
+    reference = det.calibration_scores_features(q_feats)
     out = {}
     for tpr in tprs:
-        t_support = _support_threshold(det.loo_scores_, tpr)
+        t_support = _support_threshold(reference, tpr)
         t_test, _ = test_mode_threshold(scores, tpr=tpr)
         out[tpr] = {}
         for rule, t in (("support", t_support), ("test", t_test)):

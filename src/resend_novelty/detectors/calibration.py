@@ -125,14 +125,15 @@ def _groups(index: np.ndarray, eligible: np.ndarray, max_images: int, max_refits
     return [np.sort(rows[g::n_groups]) for g in range(n_groups)]
 
 
-def policy_loo_scores(detector, features, labels, *, batch=None,
+def policy_loo_scores(detector, features, labels, *, batch=None, domains=None,
                       max_images: int = MAX_LOO_IMAGES, max_refits: int = MAX_REFITS,
                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Left-out normality of support images, each scored by a copy of ``detector`` fitted
     without it, in the detector's scoring policy (module doc).
 
-    ``features`` / ``labels``: the unnormalised support features and labels (one support
-    domain). ``batch``: the test features that will be scored together (transductive policy:
+    ``features`` / ``labels``: the unnormalised support features and labels; ``domains``: the
+    source domain of each row of a multi-source support (each copy is fitted with them).
+    ``batch``: the test features that will be scored together (transductive policy:
     where the shift gate pools them with the support, the left-out images are normalised with
     the pooled statistics). Returns ``(scores, rows)``: the scores and the support rows they
     belong to.
@@ -159,7 +160,10 @@ def policy_loo_scores(detector, features, labels, *, batch=None,
         for g in groups:
             keep = np.ones(len(labels), dtype=bool)
             keep[g] = False
-            probe.fit_features(features[keep], labels[keep])
+            if domains is None:
+                probe.fit_features(features[keep], labels[keep])
+            else:
+                probe.fit_features(features[keep], labels[keep], domains=np.asarray(domains)[keep])
             if pooled:
                 probe.set_test_mean(torch.as_tensor(batch, dtype=torch.float32))
             scores.append(np.asarray(probe.score_features(features[g]), dtype=np.float64))
@@ -230,7 +234,8 @@ class LeaveOneOutCalibration:
             self.class_names_ = list(class_names)
         return self._calibrate_fitted(features, labels, float(tpr))
 
-    def _calibrate_fitted(self, features, labels, tpr: float) -> "LeaveOneOutCalibration":
+    def _calibrate_fitted(self, features, labels, tpr: float,
+                          domains=None) -> "LeaveOneOutCalibration":
         labels = np.asarray(labels)
         counts = dict(zip(self.classes_.tolist(), self.class_counts_.tolist()))
         names = dict(zip(self.classes_.tolist(), self.class_names))
@@ -246,8 +251,9 @@ class LeaveOneOutCalibration:
                 f"impossible): {', '.join(single)}",
                 stacklevel=3,
             )
-        self._check_calibration_support()
-        scores, _ = policy_loo_scores(self, features, labels)
+        if domains is None:
+            self._check_calibration_support()
+        scores, _ = policy_loo_scores(self, features, labels, domains=domains)
         threshold = threshold_at_recall(scores, tpr)
         self.threshold_ = threshold
         self.calibration_ = {
@@ -264,10 +270,11 @@ class LeaveOneOutCalibration:
         return self
 
     def _check_calibration_support(self) -> None:
-        """Calibration scores copies fitted on one support domain (``domains=`` not given)."""
+        """The fitted support can be given back unnormalised only when it has one domain."""
         if self.normalizer.active and self.normalizer.support_direction_ is None:
-            raise ValueError("threshold calibration needs a support of one domain (fit without "
-                             "domains=); pass an explicit threshold for a multi-source support")
+            raise ValueError("this detector was fitted on a multi-source support (domains=): "
+                             "its support cannot be re-calibrated from the fitted state; "
+                             "calibrate it again with the support features and domains")
 
     def support_set(self) -> tuple[torch.Tensor, np.ndarray]:
         """The fitted support as it was given: unnormalised features and labels (needs one
