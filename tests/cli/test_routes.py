@@ -258,3 +258,32 @@ def test_threshold_from_a_validation_folder(folders, tiny_registered, tmp_path, 
     rc, _, err = _cli(capsys, "score", "--support", sup, "--test", test, "--out", tmp_path / "c",
                       "--threshold-from", "validation", *OPTS)
     assert rc == 2 and "needs --validation DIR" in err
+
+
+def test_multi_source_support_is_calibrated_with_its_domains():
+    sup, labels, test = _features()
+    domains = np.tile(["photo", "sketch"], 9)
+    det = CosineDetector(backbone=None, center="standardize", progress=False)
+    det.fit_features(sup, labels, domains=domains)
+    det._calibrate_fitted(sup, labels, 0.9, domains=domains)
+    assert np.isfinite(det.threshold_) and len(det.loo_scores_) == 18
+    assert det.calibration_["achieved_recall"] >= 0.9
+    with pytest.raises(ValueError, match="multi-source support"):
+        det.set_policy(True)  # its support cannot be given back unnormalised
+
+
+def test_leave_class_out_estimate_and_pvalues():
+    sup, labels, test = _features()
+    det = CosineDetector(backbone=None, center="standardize", per_image=True, progress=False)
+    det.calibrate_features(sup, labels, tpr=0.9)
+    est = det.estimate_unknown_rejection()
+    assert 0.0 <= est["estimated_unknown_rejected"] <= 1.0 and est["n_classes"] == 3
+    assert det.threshold_rule_["unknown_rejection_estimate"] is est
+    p = det.known_pvalues_features(test)
+    assert ((p > 0) & (p <= 1)).all()
+    # the threshold is the k-th largest of m left-out scores: accepted <=> at least m - k + 1 of
+    # them score at or below the image <=> p_known >= (m - k + 2) / (m + 1)
+    m = len(det.loo_scores_)
+    k = int(np.ceil(0.9 * m - 1e-9))
+    accepted = det.score_features(test) >= det.threshold_
+    assert (accepted == (p >= (m - k + 2) / (m + 1) - 1e-12)).all()
