@@ -21,7 +21,7 @@ from ..models import load_checkpoint
 from .detector_options import METHOD_HELP, add_baseline_options, baseline_kwargs
 
 __all__ = ["add_detector_options", "add_engine_option", "detector_factory", "feature_cache",
-           "FIT_OPTIONS", "fit_options_given"]
+           "FIT_OPTIONS", "fit_options_given", "number", "SEED", "finite_float"]
 
 
 def feature_cache(args) -> FeatureCache | bool:
@@ -104,8 +104,9 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
         "(test statistics from the test images scored together). Not with --refine",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per backbone batch (default 64)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--batch-size", type=number(int, 1, 65536), default=64,
+                   help="images per backbone batch (default 64)")
+    p.add_argument("--workers", type=number(int, 0, 256), default=None,
                    help="image-decoding threads (default min(4, CPUs); 0 = no prefetching)")
     add_engine_option(p)
     p.add_argument(
@@ -236,6 +237,35 @@ def check_output(path, *, inside=(), overwrite: bool = False, folder: bool = Fal
         os.unlink(probe)
     except OSError as exc:
         raise ValueError(f"{flag} {p} cannot be written: {exc.strerror or exc}") from None
+
+
+def number(kind: type = float, low: float | None = None, high: float | None = None,
+           low_open: bool = False):
+    """argparse type: a finite ``kind`` (int or float) in ``[low, high]`` (``(low, high]`` with
+    ``low_open``); the one numeric-option type of the CLI, so every bad value is refused at
+    parse time with a message naming the bound (argparse names the option, exit 2)."""
+    what = "an integer" if kind is int else "a finite number"
+    bound = " and ".join(b for b in (
+        None if low is None else f"{'>' if low_open else '>='} {kind(low)}",
+        None if high is None else f"<= {kind(high)}") if b)
+
+    def parse(value: str):
+        try:
+            v = kind(value)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}") from None
+        if (not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low))
+                or (high is not None and v > high)):
+            raise argparse.ArgumentTypeError(f"must be {what}{' ' + bound if bound else ''}, "
+                                             f"got {value}")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" wording for other errors
+    return parse
+
+
+#: a seed of numpy / torch generators
+SEED = number(int, 0, 2**32 - 1)
 
 
 def finite_float(value: str) -> float:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from ..backbones import build_backbone
 from ..data import DataError, list_images, read_list_file, scan_class_folders
 from ..features import FeatureCache, extract_features
-from .common import add_engine_option, check_output
+from .common import add_engine_option, check_output, number
 
 
 def add_parser(sub, name):
@@ -45,8 +45,9 @@ def add_parser(sub, name):
                    "efficientnet_lite0_ft+efficientnet_lite1_ft, the shipped checkpoint's)")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per backbone batch (default 64)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--batch-size", type=number(int, 1, 65536), default=64,
+                   help="images per backbone batch (default 64)")
+    p.add_argument("--workers", type=number(int, 0, 256), default=None,
                    help="image-decoding threads (default min(4, CPUs); 0 = no prefetching)")
     add_engine_option(p)
     p.add_argument("--shard", default=None, metavar="I/N",

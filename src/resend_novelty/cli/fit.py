@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
 
+from ..data import printable
 from ..detectors import SAVABLE_METHODS, save_detector
 from ..models import default_checkpoint_path
 from ..report import scan_support, validation_threshold
@@ -77,6 +79,10 @@ def run(args) -> int:
                 det.threshold_ = float(args.threshold)
                 det.threshold_rule_ = {"source": "given", "policy": det.policy}
             det.class_names_ = names
+            if not math.isfinite(float(det.threshold_)):
+                raise ValueError(f"the calibrated threshold is {det.threshold_}: the support "
+                                 "scores are not finite (a corrupt model or features?); nothing "
+                                 "was written")
             checkpoint = None
             if det.uses_model:
                 checkpoint = args.model or default_checkpoint_path()
@@ -84,10 +90,10 @@ def run(args) -> int:
                                  extra={"support": str(args.support)})
         finally:
             for w in caught:
-                print(f"resend {args.command}: warning: {w.message}", file=sys.stderr)
-    print(f"method {det.name}: {len(det.class_names_)} known classes "
-          f"({', '.join(det.class_names_)}) from {len(paths)} support images, threshold "
-          f"{det.threshold_:.4g} ({det.threshold_rule_['source']}, for "
+                print(f"resend {args.command}: warning: {printable(w.message)}", file=sys.stderr)
+    names = ", ".join(map(printable, det.class_names_))
+    print(f"method {det.name}: {len(det.class_names_)} known classes ({names}) from "
+          f"{len(paths)} support images, threshold {det.threshold_:.4g} ({det.threshold_rule_['source']}, for "
           f"{det.policy['mode']} scoring)")
     print(f"wrote {path}")
     return 0

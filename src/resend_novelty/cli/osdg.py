@@ -32,7 +32,7 @@ from ..osdg import (
     run_osdg_benchmark,
 )
 from ..report import write_json
-from .common import add_detector_options, detector_factory, feature_cache, check_output
+from .common import SEED, add_detector_options, check_output, detector_factory, feature_cache
 
 
 def _weights(text: str) -> tuple[float, float]:
@@ -99,7 +99,7 @@ def add_parser(sub, name):
                    "(default 0.95)")
     f.add_argument("--folds", type=int, default=5,
                    help="folds for the out-of-fold source scores (default 5)")
-    f.add_argument("--seed", type=int, default=0, help="seed of the folds and the linear head (default 0)")
+    f.add_argument("--seed", type=SEED, default=0, help="seed of the folds and the linear head (default 0)")
     p.add_argument("--classifier-backbone", default=None, metavar="NAME",
                    help="benchmark mode: frozen backbone under the ERM linear head (default: the "
                    "detector's own backbone, i.e. for --method resend the fine-tuned features of "

@@ -10,6 +10,7 @@ import argparse
 from dataclasses import fields
 
 from ..training import TrainConfig, is_main_process, shutdown_distributed, train
+from .common import SEED, number
 
 # command-line options that override fields of the relational model (TrainConfig.model)
 _MODEL_OPTIONS = ("dim", "depth", "heads", "dropout", "input_dropout", "input_norm", "cosine_skip",
@@ -72,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="different-class partners per anchor (paper 1; official code 20)")
     p.add_argument("--no-balance", dest="balance", action="store_false",
                    help="draw negatives proportionally to class size and weight all pairs equally")
-    p.add_argument("--seed", type=int, default=d.seed,
+    p.add_argument("--seed", type=SEED, default=d.seed,
                    help="seed of pair sampling, initialisation and validation split")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="write a resumable checkpoint every K steps (also on SIGINT/SIGTERM)")
@@ -123,7 +124,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on GPU")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--workers", type=int, default=d.workers,
+    p.add_argument("--workers", type=number(int, 0, 256), default=d.workers,
                    help="image-decoding worker processes")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/latest.json exactly where the run stopped")

@@ -11,7 +11,7 @@ from ..data import printable
 from ..detectors import THRESHOLD_SOURCES, load_detector, test_mode_threshold
 from ..report import score_fitted, score_folders, validation_threshold, watch, write_report
 from .common import (REPORT_FILES, add_detector_options, check_output, detector_factory,
-                     feature_cache, finite_float, fit_options_given)
+                     feature_cache, finite_float, fit_options_given, number)
 
 
 def _tpr(value: str) -> float:
@@ -56,11 +56,11 @@ def add_parser(sub, name):
                    help="with --detector: score images as they arrive in DIR (polled), or image "
                    "paths read from stdin ('-'), one by one, appending to OUT/scores.csv; "
                    "resumable (paths already in the CSV are skipped); stop with Ctrl-C")
-    p.add_argument("--poll", type=float, default=1.0, metavar="S",
+    p.add_argument("--poll", type=number(float, 0, 3600, low_open=True), default=1.0, metavar="S",
                    help="--watch DIR: seconds between two looks at the folder (default 1)")
-    p.add_argument("--max-images", type=int, default=None, metavar="N",
+    p.add_argument("--max-images", type=number(int, 1), default=None, metavar="N",
                    help="--watch: stop after N new images")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
+    p.add_argument("--timeout", type=number(float, 0, low_open=True), default=None, metavar="S",
                    help="--watch: stop after S seconds")
     p.add_argument("--out", default="resend-score", metavar="DIR",
                    help="output folder for scores.csv, summary.json and the plots "

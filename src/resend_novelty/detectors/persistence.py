@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -176,11 +177,16 @@ def read_detector_metadata(path: str | os.PathLike) -> dict:
     if raw.get("format") != FORMAT:
         raise DetectorFileError(f"{path} is not a resend-novelty detector file "
                                 f"(format={raw.get('format')!r}, expected {FORMAT!r})")
-    try:
-        return {k: v if k in ("format", "package_version", "method") else json.loads(v)
-                for k, v in raw.items()}
-    except json.JSONDecodeError as exc:
-        raise DetectorFileError(f"{path}: bad metadata ({exc})") from None
+    out = {}
+    for k, v in raw.items():
+        if k in ("format", "package_version", "method"):
+            out[k] = v
+            continue
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError as exc:
+            raise DetectorFileError(f"{path}: bad metadata: {k!r} is not JSON ({exc})") from None
+    return out
 
 
 def load_detector(path: str | os.PathLike, *, model=None, backbone=None, device=None,
@@ -197,6 +203,7 @@ def load_detector(path: str | os.PathLike, *, model=None, backbone=None, device=
     leave-one-out threshold is calibrated again for it).
     """
     meta = read_detector_metadata(path)
+    _check_metadata(path, meta)
     if meta["package_version"] != package_version():
         raise DetectorFileError(
             f"{path} was written by resend-novelty {meta['package_version']}, this is "
@@ -225,6 +232,7 @@ def load_detector(path: str | os.PathLike, *, model=None, backbone=None, device=
         raise DetectorFileError(f"{path}: bad options ({exc})") from None
     with safe_open(str(path), framework="pt") as fh:
         state = {k[len(_PREFIX):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(_PREFIX)}
+    _check_state(path, state, meta)
     det.load_fitted_state(state)
     det.class_names_ = list(meta["class_names"])
     if meta["threshold"] is not None:
@@ -232,6 +240,57 @@ def load_detector(path: str | os.PathLike, *, model=None, backbone=None, device=
     det.threshold_rule_ = meta["threshold_rule"]
     det.metadata_ = meta
     return det
+
+
+def _check_metadata(path, meta: dict) -> None:
+    """Refuse detector metadata of the wrong kind before anything is built (one line, the file
+    and the culprit named)."""
+    def bad(what: str):
+        raise DetectorFileError(f"{path}: bad metadata: {what}")
+
+    for key in ("method", "options", "class_names", "backbone", "package_version"):
+        if key not in meta:
+            bad(f"no {key!r}")
+    if not isinstance(meta["options"], dict):
+        bad("'options' is not a table")
+    names = meta["class_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        bad("'class_names' is not a list of names")
+    bb = meta["backbone"]
+    if not isinstance(bb, dict) or not all(isinstance(bb.get(k), str) for k in ("name", "sha256")):
+        bad("'backbone' lacks a name and a sha256")
+    t = meta.get("threshold")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
+                          or not math.isfinite(t)):
+        bad(f"'threshold' is not a finite number ({t!r})")
+    if meta["method"] in SAVABLE_METHODS and DETECTORS[meta["method"]].uses_model and \
+            not isinstance(meta.get("checkpoint"), dict):
+        bad("'checkpoint' is missing")
+
+
+def _check_state(path, state: dict, meta: dict) -> None:
+    """Shapes and ranges of the fitted tensors, checked before they are used (a crafted index
+    must not drive an allocation)."""
+    def bad(what: str):
+        raise DetectorFileError(f"{path}: bad fitted state: {what}")
+
+    for key in ("classes_", "prototypes_", "support_features_", "support_index_"):
+        if key not in state:
+            bad(f"no {key}")
+    protos, feats, index = state["prototypes_"], state["support_features_"], state["support_index_"]
+    k = int(state["classes_"].shape[0]) if state["classes_"].ndim == 1 else -1
+    if protos.ndim != 2 or protos.shape[0] != k or k < 1:
+        bad(f"prototypes_ of shape {tuple(protos.shape)} for {k} classes")
+    if feats.ndim != 2 or feats.shape[1] != protos.shape[1]:
+        bad(f"support_features_ of shape {tuple(feats.shape)}")
+    if index.ndim != 1 or index.shape[0] != feats.shape[0] or (
+            index.numel() and (int(index.min()) < 0 or int(index.max()) >= k)):
+        bad(f"support_index_ does not index {k} classes for {feats.shape[0]} support rows")
+    if len(meta["class_names"]) != k:
+        bad(f"{len(meta['class_names'])} class names for {k} classes")
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad(f"{key} holds NaN or infinite values")
 
 
 def _load_model(path, info: dict, model):

@@ -1,0 +1,137 @@
+"""Crafted detector files and careless option values: a one-line error naming the culprit,
+exit 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import COLORS, make_image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from resend_novelty.cli import main
+
+
+def _cli(capsys, *argv):
+    try:
+        rc = main([*map(str, argv), "--quiet"])
+    except SystemExit as exc:  # argparse refuses a value while parsing
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _clean_error(rc, err, *names):
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("usage:")
+             and not ln.startswith("  ") and "warning" not in ln]
+    assert len(lines) == 1, err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+
+
+@pytest.fixture
+def detector_file(class_folders, tiny_registered, tmp_path, capsys):
+    path = tmp_path / "d.safetensors"
+    rc, _, err = _cli(capsys, "fit", "--support", class_folders / "support", "--out", path,
+                      "--method", "cosine-standardized", "--backbone", "tiny_test_cnn",
+                      "--tpr", "0.9")
+    assert rc == 0, err
+    return path
+
+
+def _rewrite(path, out, tensors=None, meta=None):
+    """A copy of the detector file ``path`` at ``out`` with tensors / metadata changed."""
+    with safe_open(str(path), framework="pt") as fh:
+        state = {k: fh.get_tensor(k) for k in fh.keys()}
+        metadata = dict(fh.metadata())
+    state.update(tensors or {})
+    for k, v in (meta or {}).items():
+        if v is None:
+            metadata.pop(k, None)
+        else:
+            metadata[k] = v if isinstance(v, str) else json.dumps(v)
+    save_file(state, str(out), metadata=metadata)
+    return out
+
+
+@pytest.mark.parametrize("case,change,culprit", [
+    ("index out of range", {"tensors": {"fitted.support_index_": torch.full((12,), 10**9)}},
+     "support_index_"),
+    ("more names than classes", {"meta": {"class_names": ["a", "b", "c", "d", "e"]}},
+     "5 class names for 3 classes"),
+    ("threshold text", {"meta": {"threshold": "abc"}}, "threshold"),
+    ("threshold nan", {"meta": {"threshold": "NaN"}}, "threshold"),
+    ("unknown option", {"meta": {"options": {"center": "standardize", "bogus": 1}}}, "bogus"),
+    ("no backbone", {"meta": {"backbone": None}}, "backbone"),
+    ("backbone list", {"meta": {"backbone": []}}, "backbone"),
+    ("class names not names", {"meta": {"class_names": [1, {}, 3]}}, "class_names"),
+    ("nan prototypes", {"tensors": {"fitted.prototypes_": torch.full((3, 16), float("nan"))}},
+     "NaN"),
+])
+def test_crafted_detector_files_are_refused(case, change, culprit, detector_file,
+                                            class_folders, tmp_path, capsys):
+    bad = _rewrite(detector_file, tmp_path / "bad.safetensors", **change)
+    out = tmp_path / "o"
+    rc, _, err = _cli(capsys, "score", "--detector", bad, "--test", class_folders / "test",
+                      "--out", out)
+    _clean_error(rc, err, culprit)
+    assert not out.exists()  # a failed run leaves no folder behind
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--max-images", "0"), ("--max-images", "-4"), ("--timeout", "-1"), ("--timeout", "nan"),
+    ("--poll", "inf"), ("--poll", "-1"), ("--poll", "nan"), ("--workers", "-4"),
+])
+def test_watch_numbers_are_checked(option, value, detector_file, tmp_path, capsys):
+    rc, _, err = _cli(capsys, "score", "--detector", detector_file, "--watch", tmp_path,
+                      "--out", tmp_path / "w", option, value)
+    _clean_error(rc, err, option)
+
+
+@pytest.mark.parametrize("value", ["-4", "99999999999999999999", "1.5"])
+def test_seeds_are_checked(value, capsys):
+    rc, _, err = _cli(capsys, "osdg", "--seed", value)
+    assert rc == 2 and "--seed" in err and "Traceback" not in err
+
+
+def test_fit_refuses_a_non_finite_threshold(class_folders, tiny_registered, tmp_path, capsys):
+    for value in ("nan", "inf"):
+        rc, _, err = _cli(capsys, "fit", "--support", class_folders / "support", "--out",
+                          tmp_path / "d.safetensors", "--method", "cosine", "--backbone",
+                          "tiny_test_cnn", "--threshold", value)
+        assert rc == 2 and "--threshold" in err and not (tmp_path / "d.safetensors").exists()
+
+
+def test_watch_csv_cells_are_guarded(detector_file, tmp_path, capsys, monkeypatch):
+    make_image(tmp_path / "in" / "=cmd.png", COLORS["red"], noise_seed=1)
+    monkeypatch.chdir(tmp_path / "in")  # a relative path that a spreadsheet reads as a formula
+    monkeypatch.setattr("sys.stdin", io.StringIO("=cmd.png\n"))
+    rc, _, err = _cli(capsys, "score", "--detector", detector_file, "--watch", "-", "--out",
+                      tmp_path / "w")
+    assert rc == 0, err
+    with open(tmp_path / "w" / "scores.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[1][0] == "'=cmd.png"
+    # a restart recognises the guarded path as done
+    monkeypatch.setattr("sys.stdin", io.StringIO("=cmd.png\n"))
+    rc, out, err = _cli(capsys, "score", "--detector", detector_file, "--watch", "-", "--out",
+                        tmp_path / "w")
+    assert rc == 0 and out.startswith("0 images scored"), out
+
+
+def test_numbers_type_names_the_bound():
+    from resend_novelty.cli.common import number
+
+    parse = number(int, 1, 10)
+    assert parse("3") == 3
+    for bad in ("0", "11", "x", "nan"):
+        with pytest.raises(Exception, match="must be an integer"):
+            parse(bad)
+    assert np.isclose(number(float, 0, low_open=True)("0.5"), 0.5)
