@@ -135,3 +135,23 @@ def test_numbers_type_names_the_bound():
         with pytest.raises(Exception, match="must be an integer"):
             parse(bad)
     assert np.isclose(number(float, 0, low_open=True)("0.5"), 0.5)
+
+
+def test_an_interrupted_overwrite_keeps_the_earlier_report(class_folders, tiny_registered,
+                                                           tmp_path, capsys, monkeypatch):
+    args = ["score", "--support", class_folders / "support", "--test", class_folders / "test",
+            "--method", "cosine", "--backbone", "tiny_test_cnn", "--out", tmp_path / "o",
+            "--no-html"]
+    rc, _, err = _cli(capsys, *args)
+    assert rc == 0, err
+    before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("resend_novelty.report.writer.plot_histogram", interrupted)
+    rc, _, err = _cli(capsys, *args, "--overwrite", "--threshold", "0.5")
+    assert rc == 130
+    after = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
+    assert after == before  # the earlier report, whole
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.partial")]

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..backbones import build_backbone
 from ..detectors import DETECTORS, build_detector
 from ..features import ENGINES, FeatureCache
+from ..report.writer import REPORT_FILES as _REPORT_FILES
 from ..models import load_checkpoint
 from .detector_options import METHOD_HELP, add_baseline_options, baseline_kwargs
 
@@ -281,8 +282,7 @@ def finite_float(value: str) -> float:
 
 
 #: The files ``resend score`` writes into its --out folder (replaced with --overwrite).
-REPORT_FILES = ("scores.csv", "summary.json", "histogram.png", "roc.png", "detection_rates.png",
-                "report.html")
+REPORT_FILES = _REPORT_FILES
 
 #: Backbones whose weights are downloaded at run time (used only when named by --backbone).
 DOWNLOADING_BACKBONES = ("resnet18",)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..data import printable
 from ..detectors import THRESHOLD_SOURCES, load_detector, test_mode_threshold
 from ..report import score_fitted, score_folders, validation_threshold, watch, write_report
-from .common import (REPORT_FILES, add_detector_options, check_output, detector_factory,
+from .common import (add_detector_options, check_output, detector_factory,
                      feature_cache, finite_float, fit_options_given, number)
 
 
@@ -170,8 +170,9 @@ def run(args) -> int:
     if args.watch is not None:
         return _run_watch(args)
     created = not Path(args.out).exists()
+    # with --overwrite the earlier report stays until the new one is complete (write_report)
     check_output(args.out, inside=(args.support, args.test), overwrite=args.overwrite,
-                 folder=True, owned=REPORT_FILES)
+                 folder=True)
     try:
         return _score(args)
     except BaseException:
