@@ -155,3 +155,25 @@ def test_an_interrupted_overwrite_keeps_the_earlier_report(class_folders, tiny_r
     after = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
     assert after == before  # the earlier report, whole
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.partial")]
+
+
+def test_pretrain_keeps_files_it_did_not_write(tmp_path):
+    from resend_novelty.training.loop import prepare_out
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("mine")
+    (out / "run.json").write_text("mine too")
+    with pytest.raises(ValueError, match="holds no run to continue"):
+        prepare_out(out, resume=True)
+    assert (out / "summary.json").read_text() == "mine"
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "my_model.pt").write_text("precious")
+    with pytest.raises(ValueError, match="my_model.pt"):
+        prepare_out(out, overwrite=True)
+    assert (out / "checkpoints" / "my_model.pt").read_text() == "precious"
+    assert (out / "summary.json").exists()  # nothing deleted
+    (out / "checkpoints" / "my_model.pt").unlink()
+    (out / "checkpoints" / "step_0000010").mkdir()
+    prepare_out(out, overwrite=True)  # a run's own files: replaced
+    assert not (out / "checkpoints").exists() and not (out / "summary.json").exists()

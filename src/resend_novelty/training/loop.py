@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -63,6 +64,15 @@ RUN_FILES = ("checkpoints", "latest.json", "history.jsonl", "run.json", "summary
              "best.safetensors", "best_backbone.safetensors", "final.safetensors")
 
 
+def _foreign_checkpoints(folder: Path) -> list[str]:
+    """Entries of a run's ``checkpoints`` folder that a run does not write (``step_NNNNNNN``
+    folders and their ``.tmp`` twins): ``--overwrite`` never deletes those."""
+    if not folder.is_dir() or folder.is_symlink():  # a link is removed, not what it points to
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if not (p.is_dir() and re.fullmatch(r"\.?step_\d{7}(\.tmp)?", p.name)))
+
+
 def prepare_out(out: Path, resume: bool = False, overwrite: bool = False) -> None:
     """Check the output folder before any work: never mix or overwrite runs silently.
 
@@ -74,6 +84,9 @@ def prepare_out(out: Path, resume: bool = False, overwrite: bool = False) -> Non
         raise ValueError(f"--out {out} is a file, not a folder")
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+    if resume and out.is_dir() and any(out.iterdir()) and not (out / "latest.json").is_file():
+        raise ValueError(f"--resume: {out} holds no run to continue (no latest.json); its files "
+                         "are kept: choose another --out, or --overwrite to start a run there")
     if out.is_dir() and not resume:
         entries = sorted(p.name for p in out.iterdir())
         if entries and not overwrite:
@@ -82,6 +95,11 @@ def prepare_out(out: Path, resume: bool = False, overwrite: bool = False) -> Non
                     f"is not empty ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
             raise ValueError(f"--out {out} {what}: pass --resume to continue it, --overwrite to "
                              "replace it, or choose another folder")
+        foreign = _foreign_checkpoints(out / "checkpoints")
+        if foreign:
+            raise ValueError(f"--overwrite: {out / 'checkpoints'} holds files a run does not write "
+                             f"({', '.join(foreign[:3])}); nothing was deleted: move them away "
+                             "or choose another --out")
         for name in RUN_FILES if entries else ():
             p = out / name
             if p.is_dir() and not p.is_symlink():
