@@ -177,3 +177,26 @@ def test_pretrain_keeps_files_it_did_not_write(tmp_path):
     (out / "checkpoints" / "step_0000010").mkdir()
     prepare_out(out, overwrite=True)  # a run's own files: replaced
     assert not (out / "checkpoints").exists() and not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("depth", [1_000_000, 20_000])
+def test_a_checkpoint_claiming_a_huge_model_is_refused_at_once(depth, tmp_path):
+    import time
+
+    from resend_novelty.models import (CheckpointError, RelationalConfig, RelationalModule,
+                                       load_checkpoint, save_checkpoint)
+
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(RelationalModule(RelationalConfig(feature_dim=16, dim=32, depth=1, heads=2)),
+                    path)
+    with safe_open(str(path), framework="pt") as fh:
+        state = {k: fh.get_tensor(k) for k in fh.keys()}
+        meta = dict(fh.metadata())
+    config = json.loads(meta["config"])
+    config["depth"] = depth
+    meta["config"] = json.dumps(config)
+    save_file(state, str(path), metadata=meta)
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match="depth must be at most 256"):
+        load_checkpoint(path)
+    assert time.monotonic() - start < 5

@@ -50,6 +50,11 @@ def _from_dict(cls, d: dict, what: str):
     return cls(**d)
 
 
+#: the largest sizes a relational config may claim (a crafted checkpoint must not make the
+#: package build a huge module); raise them here for a larger model
+SIZE_LIMITS = {"feature_dim": 1 << 16, "dim": 1 << 14, "depth": 256, "heads": 1024}
+
+
 @dataclass
 class RelationalConfig:
     """Architecture of the relational module (and of the features it was trained on)."""
@@ -88,6 +93,9 @@ class RelationalConfig:
                 raise ValueError(f"{name} must be an integer, got {v!r}")
             if v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
+            if v > SIZE_LIMITS[name]:  # checked before any module is built
+                raise ValueError(f"{name} must be at most {SIZE_LIMITS[name]} (SIZE_LIMITS), "
+                                 f"got {v}")
         for name, lo, hi, hi_open in (("mlp_ratio", 0.0, 64.0, False), ("dropout", 0.0, 1.0, True),
                                       ("input_dropout", 0.0, 1.0, True)):
             v = getattr(self, name)
