@@ -200,3 +200,17 @@ def test_a_checkpoint_claiming_a_huge_model_is_refused_at_once(depth, tmp_path):
     with pytest.raises(CheckpointError, match="depth must be at most 256"):
         load_checkpoint(path)
     assert time.monotonic() - start < 5
+
+
+def test_class_names_with_mathtext_do_not_break_the_report(tmp_path, tiny_registered, capsys):
+    for split, classes in (("support", ["x$^$", "b"]), ("test", ["x$^$", "b", "c$_"])):
+        for c in classes:
+            for i in range(3):
+                make_image(tmp_path / split / c / f"{i}.png", COLORS["red" if c == "b" else
+                                                                     "blue"], noise_seed=i)
+    rc, _, err = _cli(capsys, "score", "--support", tmp_path / "support", "--test",
+                      tmp_path / "test", "--method", "cosine", "--backbone", "tiny_test_cnn",
+                      "--out", tmp_path / "o", "--no-html")
+    assert rc == 0, err
+    assert (tmp_path / "o" / "detection_rates.png").is_file()
+    assert (tmp_path / "o" / "summary.json").is_file()

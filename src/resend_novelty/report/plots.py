@@ -112,7 +112,8 @@ def plot_detection_rates(result: ScoreResult, path: str | os.PathLike) -> bool:
         ax.text(xi, r + 0.01, f"{r:.0%}\n(n={int((labels == n).sum())})", ha="center",
                 va="bottom", fontsize=7)
     ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=30, ha="right")
+    # names are text, not mathtext: "x$^$" must not be parsed as a formula
+    ax.set_xticklabels([n.replace("$", r"\$") for n in names], rotation=30, ha="right")
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("fraction flagged unknown")
     ax.set_title(f"{result.method}: detection rate per test class")
