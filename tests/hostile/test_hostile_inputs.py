@@ -214,3 +214,24 @@ def test_class_names_with_mathtext_do_not_break_the_report(tmp_path, tiny_regist
     assert rc == 0, err
     assert (tmp_path / "o" / "detection_rates.png").is_file()
     assert (tmp_path / "o" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("key,value,culprit", [
+    ("config", "[]", "table of settings"), ("config", "null", "table of settings"),
+    ("config", '"hello"', "table of settings"), ("scoring", '{"neighbors": -0.5}', "neighbors"),
+    ("scoring", '{"neighbors": 1.5}', "neighbors"),
+])
+def test_checkpoint_metadata_of_the_wrong_kind_is_refused(key, value, culprit, tmp_path):
+    from resend_novelty.models import (CheckpointError, RelationalConfig, RelationalModule,
+                                       load_checkpoint, save_checkpoint)
+
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(RelationalModule(RelationalConfig(feature_dim=16, dim=32, depth=1, heads=2)),
+                    path)
+    with safe_open(str(path), framework="pt") as fh:
+        state = {k: fh.get_tensor(k) for k in fh.keys()}
+        meta = dict(fh.metadata())
+    meta[key] = value
+    save_file(state, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match=culprit):
+        load_checkpoint(path)

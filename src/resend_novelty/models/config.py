@@ -44,6 +44,9 @@ def check_shift_threshold(t) -> float:
 
 
 def _from_dict(cls, d: dict, what: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"the {what} config must be a table of settings, got "
+                         f"{type(d).__name__}")
     unknown = sorted(set(d) - {f.name for f in fields(cls)})
     if unknown:
         raise ValueError(f"unknown {what}-config keys: {unknown}")
@@ -146,7 +149,8 @@ class ScoringConfig:
     def __post_init__(self):
         if self.normality not in NORMALITIES:
             raise ValueError(f"normality must be one of {NORMALITIES}, got {self.normality!r}")
-        if int(self.neighbors) < 0:
+        if isinstance(self.neighbors, bool) or not isinstance(self.neighbors, int) \
+                or self.neighbors < 0:
             raise ValueError(f"neighbors must be >= 0 (0 = class prototypes), got {self.neighbors}")
         if not 0.0 <= float(self.neighbor_weight) <= 1.0:
             raise ValueError(f"neighbor_weight must be in [0, 1], got {self.neighbor_weight}")
@@ -175,6 +179,8 @@ def split_config(d: dict) -> tuple[RelationalConfig, ScoringConfig]:
 
     Missing keys take their defaults; keys of neither config are an error.
     """
+    if not isinstance(d, dict):
+        raise ValueError(f"the config must be a table of settings, got {type(d).__name__}")
     arch = {k: v for k, v in d.items() if k not in SCORING_KEYS}
     scoring = {k: v for k, v in d.items() if k in SCORING_KEYS}
     return RelationalConfig.from_dict(arch), ScoringConfig(**scoring)
