@@ -130,7 +130,7 @@ def render(results: dict, episodes: int, seed: int, seconds: float) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     gaps, misses, old_gaps, old_misses = [], [], [], []
-    for key in sorted(results):
+    for key in sorted(results, key=lambda k: (k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1]))):
         cell, shots = key.rsplit("@", 1)
         r = results[key]
         cells = []
