@@ -179,23 +179,25 @@ def test_pretrain_keeps_files_it_did_not_write(tmp_path):
     assert not (out / "checkpoints").exists() and not (out / "summary.json").exists()
 
 
-@pytest.mark.parametrize("depth", [1_000_000, 20_000])
-def test_a_checkpoint_claiming_a_huge_model_is_refused_at_once(depth, tmp_path):
-    import time
-
-    from resend_novelty.models import (CheckpointError, RelationalConfig, RelationalModule,
-                                       load_checkpoint, save_checkpoint)
+def _crafted_checkpoint(tmp_path, **meta_changes):
+    """A small valid relational checkpoint whose metadata entries are replaced (JSON text)."""
+    from resend_novelty.models import RelationalConfig, RelationalModule, save_checkpoint
 
     path = tmp_path / "c.safetensors"
     save_checkpoint(RelationalModule(RelationalConfig(feature_dim=16, dim=32, depth=1, heads=2)),
                     path)
-    with safe_open(str(path), framework="pt") as fh:
-        state = {k: fh.get_tensor(k) for k in fh.keys()}
-        meta = dict(fh.metadata())
-    config = json.loads(meta["config"])
-    config["depth"] = depth
-    meta["config"] = json.dumps(config)
-    save_file(state, str(path), metadata=meta)
+    return _rewrite(path, tmp_path / "crafted.safetensors",
+                    meta=meta_changes)
+
+
+@pytest.mark.parametrize("depth", [1_000_000, 20_000])
+def test_a_checkpoint_claiming_a_huge_model_is_refused_at_once(depth, tmp_path):
+    import time
+
+    from resend_novelty.models import CheckpointError, load_checkpoint
+
+    config = {"feature_dim": 16, "dim": 32, "depth": depth, "heads": 2}
+    path = _crafted_checkpoint(tmp_path, config=json.dumps(config))
     start = time.monotonic()
     with pytest.raises(CheckpointError, match="depth must be at most 256"):
         load_checkpoint(path)
@@ -222,16 +224,7 @@ def test_class_names_with_mathtext_do_not_break_the_report(tmp_path, tiny_regist
     ("scoring", '{"neighbors": 1.5}', "neighbors"),
 ])
 def test_checkpoint_metadata_of_the_wrong_kind_is_refused(key, value, culprit, tmp_path):
-    from resend_novelty.models import (CheckpointError, RelationalConfig, RelationalModule,
-                                       load_checkpoint, save_checkpoint)
+    from resend_novelty.models import CheckpointError, load_checkpoint
 
-    path = tmp_path / "c.safetensors"
-    save_checkpoint(RelationalModule(RelationalConfig(feature_dim=16, dim=32, depth=1, heads=2)),
-                    path)
-    with safe_open(str(path), framework="pt") as fh:
-        state = {k: fh.get_tensor(k) for k in fh.keys()}
-        meta = dict(fh.metadata())
-    meta[key] = value
-    save_file(state, str(path), metadata=meta)
     with pytest.raises(CheckpointError, match=culprit):
-        load_checkpoint(path)
+        load_checkpoint(_crafted_checkpoint(tmp_path, **{key: value}))
