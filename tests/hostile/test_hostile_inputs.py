@@ -228,3 +228,31 @@ def test_checkpoint_metadata_of_the_wrong_kind_is_refused(key, value, culprit, t
 
     with pytest.raises(CheckpointError, match=culprit):
         load_checkpoint(_crafted_checkpoint(tmp_path, **{key: value}))
+
+
+def test_links_cannot_mix_classes_or_leak_test_images(class_folders, tiny_registered, tmp_path,
+                                                      capsys):
+    import os
+
+    sup, test = class_folders / "support", class_folders / "test"
+    base = ["--method", "cosine", "--backbone", "tiny_test_cnn", "--no-plots", "--no-html"]
+    os.symlink(test / "green", sup / "red" / "leak")  # test images become support images
+    rc, _, err = _cli(capsys, "score", "--support", sup, "--test", test, "--out", tmp_path / "a",
+                      *base)
+    _clean_error(rc, err, "also support images")
+    os.unlink(sup / "red" / "leak")
+    os.symlink(sup / "green", sup / "red" / "up")  # green images counted as red too
+    rc, _, err = _cli(capsys, "score", "--support", sup, "--test", test, "--out", tmp_path / "b",
+                      *base)
+    _clean_error(rc, err, "in two classes")
+
+
+def test_fit_out_is_checked_before_the_fit(class_folders, tiny_registered, tmp_path, capsys):
+    base = ["fit", "--support", class_folders / "support", "--method", "cosine", "--backbone",
+            "tiny_test_cnn"]
+    (tmp_path / "a_folder").mkdir()
+    rc, _, err = _cli(capsys, *base, "--out", tmp_path / "a_folder")
+    _clean_error(rc, err, "is a folder")
+    assert list((tmp_path / "a_folder").iterdir()) == []  # no temp file left behind
+    rc, _, err = _cli(capsys, *base, "--out", class_folders / "support" / "d.safetensors")
+    _clean_error(rc, err, "inside the input folder")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from pathlib import Path
 
 from ..data import printable
 from ..detectors import SAVABLE_METHODS, save_detector
 from ..models import default_checkpoint_path
 from ..report import scan_support, validation_threshold
-from .common import add_detector_options, detector_factory, finite_float
+from .common import add_detector_options, check_output, detector_factory, finite_float
 from .score import _tpr
 
 
@@ -58,8 +57,8 @@ def run(args) -> int:
                          f"more than class statistics); choose one of {', '.join(SAVABLE_METHODS)}")
     if args.validation is not None and args.threshold is not None:
         raise ValueError("--threshold T and --validation DIR exclude each other")
-    if Path(args.out).exists() and not args.overwrite:
-        raise ValueError(f"{args.out} exists: pass --overwrite to replace it")
+    # a file, not a folder; writable; not inside the support; nothing replaced silently
+    check_output(args.out, inside=(args.support,), overwrite=args.overwrite)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

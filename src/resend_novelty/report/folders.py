@@ -60,6 +60,12 @@ def scan_support(folder: str | os.PathLike) -> tuple[list[str], np.ndarray, list
         )
     records, classes = scan_class_folders(folder)  # error for an empty class folder
     _check_utf8([r.path for r in records])
+    seen: dict[str, int] = {}
+    for r in records:  # one file reached through links under two classes
+        real = os.path.realpath(r.path)
+        if seen.setdefault(real, r.label) != r.label:
+            raise DataError(f"the support image {real} is in two classes ({classes[seen[real]]} "
+                            f"and {classes[r.label]}), e.g. through a link: {r.path}")
     return [r.path for r in records], np.array([r.label for r in records]), list(classes)
 
 

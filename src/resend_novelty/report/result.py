@@ -220,6 +220,11 @@ def score_folders(
             "apart from images flagged unknown", stacklevel=2,
         )
     test_set = scan_test(test)  # before the slow part: fail early on a bad test folder
+    shared = set(map(os.path.realpath, paths)) & set(map(os.path.realpath, test_set.paths))
+    if shared:
+        raise DataError(f"{len(shared)} test image(s) are also support images (e.g. "
+                        f"{sorted(shared)[0]}, reached through a link): a test image must not "
+                        "be a reference")
     feats = detector.features(paths, desc="support features")[0]
     names = [class_names[int(c)] for c in np.unique(labels)]
     if threshold is None:
