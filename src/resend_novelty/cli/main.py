@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError, RuntimeError) as exc:
         print(f"resend {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # an optional extra that is not installed (e.g. [lite2])
+        print(f"resend {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     except sqlite3.Error as exc:  # a corrupt feature cache
         print(f"resend {args.command}: error: feature cache: {_one_line(exc)} (pass --cache-dir "
               "elsewhere or --no-cache)", file=sys.stderr)
