@@ -270,3 +270,35 @@ def test_a_missing_optional_package_is_a_one_line_error(class_folders, tmp_path,
                       "efficientnet_lite2", "--out", tmp_path / "o")
     _clean_error(rc, err, "pip install")
     assert not (tmp_path / "o").exists()
+
+
+def test_watch_retries_a_stalled_copy_and_reports_a_removed_folder(detector_file, tmp_path):
+    import shutil
+    import threading
+    import time as _time
+
+    from resend_novelty.data import DataError
+    from resend_novelty.detectors import load_detector
+    from resend_novelty.report import watch
+
+    det = load_detector(detector_file, progress=False)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    make_image(tmp_path / "full.png", COLORS["red"], noise_seed=3)
+    data = (tmp_path / "full.png").read_bytes()
+    (inbox / "late.png").write_bytes(data[: len(data) // 3])  # a copy that stalled
+
+    def finish_then_remove():
+        _time.sleep(1.0)
+        (inbox / "late.png").write_bytes(data)  # the copy completes
+        _time.sleep(1.5)
+        shutil.rmtree(inbox)
+
+    threading.Thread(target=finish_then_remove, daemon=True).start()
+    log = io.StringIO()
+    with pytest.raises(DataError, match="was removed"):
+        watch(det, inbox, tmp_path / "w.csv", poll=0.1, timeout=20, log=log)
+    assert "not scored" in log.getvalue()  # the partial file failed first
+    with open(tmp_path / "w.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert [r[0] for r in rows[1:]] == [str(inbox / "late.png")]  # then scored once complete

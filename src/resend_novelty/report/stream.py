@@ -6,7 +6,10 @@ stdin), scores each new image on its own and appends one row per image to a CSV 
 columns of ``scores.csv`` (path, normality, nearest_class, sim_<class>..., prediction). Each row
 is flushed as it is written, so an interruption (Ctrl-C) leaves a complete CSV; on restart the
 paths already in the CSV are skipped (resumable). A file is scored once its size has stayed the
-same over two polls (a file still being copied is left for the next poll).
+same over two polls (a file still being copied is left for the next poll); a file that failed
+(e.g. a copy that stalled longer than two polls, read while partial) is tried again once its
+size or modification time changes. A watched folder that disappears ends the watch with an
+error (the CSV stays complete).
 
 Per image: an image scored on its own cannot supply the statistics of its domain, so the domain
 normalisation (``center=``) uses the test statistics fixed in the detector (``set_test_mean``)
@@ -67,6 +70,15 @@ def _already_scored(path: Path, header: list[str]) -> set[str]:
             else r[0] for r in rows[1:] if r}
 
 
+def _signature(path: str) -> tuple:
+    """``(size, mtime)`` of a file, or ``()`` when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_size, st.st_mtime_ns)
+
+
 def _folder_images(folder: Path) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -116,7 +128,7 @@ def watch(detector, source: str | os.PathLike | TextIO, csv_path: str | os.PathL
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not csv_path.exists() or csv_path.stat().st_size == 0
     start = time.monotonic()
-    failed: set[str] = set()
+    failed: dict[str, tuple] = {}  # unreadable file -> (size, mtime) when it failed
     sizes: dict[str, int] = {}
     with open(csv_path, "a", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
@@ -131,7 +143,7 @@ def watch(detector, source: str | os.PathLike | TextIO, csv_path: str | os.PathL
                     feats = detector.features([p], desc="stream")[0]
                 except (DataError, OSError, ValueError) as exc:
                     print(f"resend watch: warning: {p} not scored: {exc}", file=log)
-                    failed.add(p)
+                    failed[p] = _signature(p)
                     stats["failed"] += 1
                     continue
                 with warnings.catch_warnings():
@@ -166,10 +178,17 @@ def watch(detector, source: str | os.PathLike | TextIO, csv_path: str | os.PathL
                     if p and p not in done and score([p]):
                         break
                     continue
+                if not folder.is_dir():
+                    raise DataError(f"the watched folder {folder} was removed or is no longer a "
+                                    f"folder ({stats['scored']} images scored, all in {csv_path})")
                 ready = []
                 for p in _folder_images(folder):
-                    if p in done or p in failed:
+                    if p in done:
                         continue
+                    if p in failed:  # tried again once the file changes (a copy that stalled)
+                        if _signature(p) == failed[p]:
+                            continue
+                        del failed[p]
                     try:
                         size = os.path.getsize(p)
                     except OSError:
