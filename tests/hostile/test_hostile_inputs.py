@@ -302,3 +302,17 @@ def test_watch_retries_a_stalled_copy_and_reports_a_removed_folder(detector_file
     with open(tmp_path / "w.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     assert [r[0] for r in rows[1:]] == [str(inbox / "late.png")]  # then scored once complete
+
+
+def test_a_npy_header_claiming_a_huge_array_is_refused(tmp_path):
+    from resend_novelty.data import DataError
+    from resend_novelty.osdg import load_probabilities
+
+    path = tmp_path / "huge.npy"
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (1000000000000, 3), }"
+    header = header.ljust(118) + "\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+                     + b"\0" * 64)
+    assert path.stat().st_size < 300
+    with pytest.raises(DataError, match="claims shape"):
+        load_probabilities(path)

@@ -93,6 +93,24 @@ def validate_probabilities(
     return arr
 
 
+def _check_npy_header(path) -> None:
+    """The shape a ``.npy`` header claims must fit in the file: a 192-byte file claiming
+    10^12 x 3 values is refused before anything is allocated."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        body = os.fstat(fh.fileno()).st_size - fh.tell()
+    if dtype.hasobject:
+        raise DataError(f"{path}: a .npy array of Python objects is not probabilities")
+    needed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if needed > body:
+        raise DataError(f"{path}: the .npy header claims shape {shape} ({needed} bytes) but the "
+                        f"file holds {body} bytes of data")
+
+
 def load_probabilities(
     path: str | os.PathLike,
     n_samples: int | None = None,
@@ -112,6 +130,7 @@ def load_probabilities(
     suffix = path.suffix.lower()
     if suffix == ".npy":
         try:
+            _check_npy_header(path)
             arr = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise DataError(f"cannot read {path} as a .npy array: {exc}") from None
