@@ -316,3 +316,15 @@ def test_a_npy_header_claiming_a_huge_array_is_refused(tmp_path):
     assert path.stat().st_size < 300
     with pytest.raises(DataError, match="claims shape"):
         load_probabilities(path)
+
+
+def test_report_thumbnails_use_the_decoder_whitelist(tmp_path):
+    from PIL import Image
+
+    from resend_novelty.report.html import thumbnail_data_uri
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.gif")  # a GIF under an image name
+    (tmp_path / "x.jpg").write_bytes((tmp_path / "x.gif").read_bytes())
+    assert thumbnail_data_uri(tmp_path / "x.jpg") is None
+    make_image(tmp_path / "ok.png", COLORS["red"], noise_seed=0)
+    assert thumbnail_data_uri(tmp_path / "ok.png").startswith("data:image/jpeg;base64,")

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..data import DataError, load_image
 from .result import ScoreResult
 
 __all__ = ["write_html_report", "thumbnail_data_uri"]
@@ -40,14 +41,12 @@ figcaption{overflow-wrap:anywhere}.name{color:#555}.score{font-weight:bold}
 
 def thumbnail_data_uri(path: str | os.PathLike, size: int = 120, quality: int = 70) -> str | None:
     """A ``data:image/jpeg;base64,...`` thumbnail of the image at ``path`` (None if unreadable)."""
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
-            im = im.convert("RGB")
-            im.thumbnail((size, size))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=quality)
-    except (OSError, ValueError, Image.DecompressionBombError):
+    try:  # the package's decoder: the same format whitelist and pixel limits as scoring
+        im = load_image(path, draft=(size, size))
+        im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=quality)
+    except (DataError, OSError, ValueError, Image.DecompressionBombError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
