@@ -328,3 +328,26 @@ def test_report_thumbnails_use_the_decoder_whitelist(tmp_path):
     assert thumbnail_data_uri(tmp_path / "x.jpg") is None
     make_image(tmp_path / "ok.png", COLORS["red"], noise_seed=0)
     assert thumbnail_data_uri(tmp_path / "ok.png").startswith("data:image/jpeg;base64,")
+
+
+def test_changed_cache_bytes_are_not_served(tmp_path):
+    import sqlite3
+
+    from resend_novelty.features import FeatureCache
+
+    cache = FeatureCache(tmp_path / "c")
+    vecs = np.arange(12, dtype=np.float32).reshape(3, 4)
+    cache.put_many("ns", ["a", "b", "c"], vecs)
+    np.testing.assert_array_equal(cache.get_many("ns", ["b"])["b"], vecs[1])
+    cache.close()
+    con = sqlite3.connect(cache.path)  # flip one float of "b", as someone with write access could
+    blob = bytearray(con.execute("SELECT data FROM features WHERE key='b'").fetchone()[0])
+    blob[0] ^= 0xFF
+    con.execute("UPDATE features SET data=? WHERE key='b'", (bytes(blob),))
+    # an entry without a checksum (older format) is not trusted either
+    con.execute("UPDATE features SET data=? WHERE key='c'", (vecs[2].tobytes(),))
+    con.commit()
+    con.close()
+    with pytest.warns(UserWarning, match="2 feature cache entries .* failed their checksum"):
+        got = FeatureCache(tmp_path / "c").get_many("ns", ["a", "b", "c"])
+    assert set(got) == {"a"}  # b and c count as missing: recomputed by the extractor

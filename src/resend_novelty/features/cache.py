@@ -11,6 +11,10 @@ touched (new mtimes, same bytes) keeps its cached features. Hashing reads each f
 (about 1 s per GB), far less than decoding it. SQLite transactions make concurrent readers/writers from several processes safe:
 a second process can neither corrupt the database nor read a half-written vector.
 
+Each stored vector carries a BLAKE2b checksum of its key, dimension and bytes: an entry whose
+bytes were changed (or that was written without one, by an older version) is not served - it
+counts as missing, is recomputed and replaced, and a warning names the cache.
+
 Location: ``$RESEND_CACHE`` if set, else ``~/.cache/resend_novelty``; pass ``None``/``False`` to
 the feature extractor to disable caching.
 """
@@ -21,6 +25,7 @@ import hashlib
 import os
 import sqlite3
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -58,6 +63,16 @@ def _switch_to_wal(conn: sqlite3.Connection, timeout: float = 60.0) -> None:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+_CHECK = 8  # bytes of the per-entry checksum, stored after the float32 data
+
+
+def _checksum(key: str, dim: int, data: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=_CHECK)
+    h.update(f"{key}|{dim}|".encode())
+    h.update(data)
+    return h.digest()
 
 
 def _ns_id(namespace: str) -> str:
@@ -107,6 +122,7 @@ class FeatureCache:
         """Cached vectors for those of ``keys`` that are present."""
         ns = _ns_id(namespace)
         out: dict[str, np.ndarray] = {}
+        bad = 0
         keys = list(keys)
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
@@ -115,16 +131,23 @@ class FeatureCache:
                 f"SELECT key, dim, data FROM features WHERE ns=? AND key IN ({q})", [ns, *chunk]
             ).fetchall()
             for key, dim, blob in rows:
-                vec = np.frombuffer(blob, dtype=np.float32)
-                if vec.shape[0] != dim:  # cannot happen with transactions; be loud if it does
-                    raise RuntimeError(f"feature cache entry is corrupt: {key} in {self.path}")
-                out[key] = vec
+                data, check = blob[:-_CHECK], blob[-_CHECK:]
+                if (len(blob) != 4 * dim + _CHECK
+                        or check != _checksum(key, dim, data)):  # changed, or an old entry
+                    bad += 1
+                    continue
+                out[key] = np.frombuffer(data, dtype=np.float32)
+        if bad:
+            warnings.warn(f"{bad} feature cache entr{'y' if bad == 1 else 'ies'} in {self.path} "
+                          "failed their checksum (changed, or written by an older version): "
+                          "recomputed", stacklevel=2)
         return out
 
     def put_many(self, namespace: str, keys: Iterable[str], features: np.ndarray) -> None:
         ns = _ns_id(namespace)
         feats = np.ascontiguousarray(features, dtype=np.float32)
-        rows = [(ns, k, int(f.shape[0]), f.tobytes()) for k, f in zip(keys, feats)]
+        rows = [(ns, k, int(f.shape[0]), f.tobytes() + _checksum(k, int(f.shape[0]), f.tobytes()))
+                for k, f in zip(keys, feats)]
         for attempt in range(5):
             try:
                 with self.conn:  # one transaction: all or nothing
