@@ -46,10 +46,10 @@ def detector_file(class_folders, tiny_registered, tmp_path, capsys):
     return path
 
 
-def _rewrite(path, out, tensors=None, meta=None):
+def _rewrite(path, out, tensors=None, meta=None, drop=()):
     """A copy of the detector file ``path`` at ``out`` with tensors / metadata changed."""
     with safe_open(str(path), framework="pt") as fh:
-        state = {k: fh.get_tensor(k) for k in fh.keys()}
+        state = {k: fh.get_tensor(k) for k in fh.keys() if k not in drop}
         metadata = dict(fh.metadata())
     state.update(tensors or {})
     for k, v in (meta or {}).items():
@@ -74,6 +74,7 @@ def _rewrite(path, out, tensors=None, meta=None):
     ("class names not names", {"meta": {"class_names": [1, {}, 3]}}, "class_names"),
     ("nan prototypes", {"tensors": {"fitted.prototypes_": torch.full((3, 16), float("nan"))}},
      "NaN"),
+    ("no support mean", {"drop": ["fitted.support_mean_"]}, "support_mean_"),
 ])
 def test_crafted_detector_files_are_refused(case, change, culprit, detector_file,
                                             class_folders, tmp_path, capsys):

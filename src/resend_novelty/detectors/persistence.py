@@ -234,6 +234,9 @@ def load_detector(path: str | os.PathLike, *, model=None, backbone=None, device=
         state = {k[len(_PREFIX):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(_PREFIX)}
     _check_state(path, state, meta)
     det.load_fitted_state(state)
+    if det.normalizer.active and getattr(det.normalizer, "support_mean_", None) is None:
+        raise DetectorFileError(f"{path}: bad fitted state: no support_mean_ for its "
+                                f"{det.normalizer.mode} normalisation")
     det.class_names_ = list(meta["class_names"])
     if meta["threshold"] is not None:
         det.threshold_ = float(meta["threshold"])
