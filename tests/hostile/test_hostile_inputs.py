@@ -352,3 +352,23 @@ def test_changed_cache_bytes_are_not_served(tmp_path):
     with pytest.warns(UserWarning, match="2 feature cache entries .* failed their checksum"):
         got = FeatureCache(tmp_path / "c").get_many("ns", ["a", "b", "c"])
     assert set(got) == {"a"}  # b and c count as missing: recomputed by the extractor
+
+
+def test_high_bit_depth_images_are_scaled_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    from PIL import Image
+
+    from resend_novelty.data.images import _scale_to_8bit
+
+    a = np.zeros((2000, 2000), dtype=np.int32)
+    a[::7, ::3] = 60000  # 16-bit samples in a 32-bit image
+    img = Image.fromarray(a, "I")
+    tracemalloc.start()
+    out = _scale_to_8bit(img)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.mode == "L" and np.asarray(out).max() == round(60000 / 257)
+    # the samples read out of the image (about 8 bytes a pixel) and the output, not the float64
+    # copies of the whole image it made before (over 40 bytes a pixel)
+    assert peak < 12 * a.size, peak

@@ -121,15 +121,29 @@ def _scale_to_8bit(img: Image.Image) -> Image.Image:
     wider) are kept; samples in [0, 65535] (16-bit) are divided by 257; anything else is min-max
     scaled. NaN / infinite samples become 0.
     """
-    arr = np.asarray(img, dtype=np.float64)
-    arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    src = np.asarray(img)  # native samples (uint16 / int32 / float32): no float64 copy
+    rows = max(1, (1 << 18) // max(1, src.shape[1] if src.ndim > 1 else 1))  # 256k samples
+    lo, hi = np.inf, -np.inf
+    for start in range(0, src.shape[0], rows):  # the range, block by block (non-finite = 0)
+        block = np.nan_to_num(src[start:start + rows].astype(np.float64), nan=0.0, posinf=0.0,
+                              neginf=0.0)
+        if block.size:
+            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+    if not np.isfinite(lo):
+        lo = hi = 0.0
     if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
-        out = arr * 255.0
+        scale, shift = 255.0, 0.0
     elif lo >= 0.0 and hi <= 255.0:
-        out = arr
+        scale, shift = 1.0, 0.0
     elif lo >= 0.0 and hi <= 65535.0:  # 16-bit samples held in a 32-bit mode (e.g. PNG 'I')
-        out = arr / 257.0
+        scale, shift = 1.0 / 257.0, 0.0
+    elif hi > lo:
+        scale, shift = 255.0 / (hi - lo), lo
     else:
-        out = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L")
+        scale, shift = 0.0, lo
+    out = np.empty(src.shape, dtype=np.uint8)  # memory: the samples plus one byte a pixel
+    for start in range(0, src.shape[0], rows):
+        block = np.nan_to_num(src[start:start + rows].astype(np.float64), nan=0.0, posinf=0.0,
+                              neginf=0.0)
+        out[start:start + rows] = np.clip(np.rint((block - shift) * scale), 0, 255)
+    return Image.fromarray(out, "L")
