@@ -287,3 +287,60 @@ def test_leave_class_out_estimate_and_pvalues():
     k = int(np.ceil(0.9 * m - 1e-9))
     accepted = det.score_features(test) >= det.threshold_
     assert (accepted == (p >= (m - k + 2) / (m + 1) - 1e-12)).all()
+
+
+def test_failed_set_params_and_set_policy_change_nothing():
+    sup, labels, test = _features()
+    domains = np.tile(["photo", "sketch"], 9)
+    det = CosineDetector(backbone=None, center="standardize", per_image=True, raw_weight=0.3,
+                         progress=False)
+    with pytest.raises(ValueError):
+        det.set_params(refine=2)  # refinement is refused per image
+    assert det.get_params()["center"] == "standardize" and det.get_params()["per_image"]
+    t = CosineDetector(backbone=None, center="standardize", progress=False)
+    t.fit_features(sup, labels, domains=domains)
+    t._calibrate_fitted(sup, labels, 0.9, domains=domains)
+    before = t.threshold_
+    with pytest.raises(ValueError, match="multi-source"):
+        t.set_policy(True)
+    assert not t.per_image and t.threshold_ == before
+    assert t.threshold_rule_["policy"]["mode"] == "transductive"
+
+
+def test_fixed_pooled_statistics_read_the_threshold_with_them():
+    sup, labels, _ = _features()
+    torch.manual_seed(3)
+    batch = sup[torch.randint(0, 18, (24,))] + 0.1 * torch.randn(24, 16)
+    det = CosineDetector(backbone=None, center="standardize", shift_threshold=2.0,
+                         progress=False).calibrate_features(sup, labels, tpr=0.9)
+    from resend_novelty.detectors.calibration import policy_loo_scores, threshold_at_recall
+
+    per_batch = det.threshold_for_features(batch)  # re-read on the pooled batch
+    det.set_test_mean(batch)  # the same statistics, fixed for a stream
+    n = det.normalizer
+    assert n.test_pooled_
+    fixed = det.threshold_for_features(batch[:1])  # one image of the stream
+    expected = threshold_at_recall(policy_loo_scores(
+        det, *det.support_set(), fixed=(n.test_mean_, n.test_std_))[0], 0.9)
+    assert fixed == pytest.approx(expected)
+    # the same statistics up to the left-out image: close to the batch's re-read threshold
+    assert fixed == pytest.approx(per_batch, abs=0.05)
+
+
+def test_validation_replaces_a_given_threshold_across_policies(folders, tiny_registered, tmp_path,
+                                                               capsys):
+    sup, test = folders
+    val = tmp_path / "val"
+    for c in ("red", "green", "blue"):
+        for i in range(3):
+            make_image(val / c / f"{i}.png", COLORS[c], noise_seed=200 + i)
+    assert _cli(capsys, "fit", "--support", sup, "--out", tmp_path / "v.safetensors",
+                "--validation", val, *OPTS)[0] == 0
+    rc, _, err = _cli(capsys, "score", "--detector", tmp_path / "v.safetensors", "--test", test,
+                      "--per-image", "--validation", val, "--out", tmp_path / "o",
+                      "--no-plots", "--no-html")
+    assert rc == 0, err
+    rc, _, err = _cli(capsys, "score", "--detector", tmp_path / "v.safetensors", "--test", test,
+                      "--per-image", "--threshold-from", "test", "--out", tmp_path / "o2",
+                      "--no-plots", "--no-html")
+    assert rc == 0, err

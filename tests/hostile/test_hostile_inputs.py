@@ -155,7 +155,7 @@ def test_an_interrupted_overwrite_keeps_the_earlier_report(class_folders, tiny_r
     assert rc == 130
     after = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
     assert after == before  # the earlier report, whole
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.partial")]
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".partial")]
 
 
 def test_pretrain_keeps_files_it_did_not_write(tmp_path):

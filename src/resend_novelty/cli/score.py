@@ -109,7 +109,8 @@ def _load(args):
     det = load_detector(args.detector, model=args.model, device=args.device,
                         cache=feature_cache(args), batch_size=args.batch_size,
                         num_workers=args.workers, progress=not args.quiet, engine=args.engine)
-    if args.threshold is not None:  # replaces the file's, whatever policy that was set for
+    if args.threshold is not None or args.threshold_from != "support":
+        # replaced (--threshold, --validation, --threshold-from test), whatever policy it was for
         det.threshold_, det.threshold_rule_ = None, None
     per_image = args.per_image or (args.watch is not None and det.normalizer.test_mean_ is None
                                    and det.normalizer.active)
@@ -123,6 +124,8 @@ def _load(args):
     if args.threshold is not None:
         det.threshold_, det.threshold_rule_ = float(args.threshold), {"source": "given",
                                                                       "policy": det.policy}
+    elif args.threshold_from == "test":  # set from the test scores once they are known
+        det.threshold_, det.threshold_rule_ = 0.0, {"source": "test scores"}
     return det
 
 

@@ -132,6 +132,7 @@ class Detector:
             raise ValueError(f"invalid parameter(s) {bad} for {type(self).__name__}; valid: "
                              f"{sorted(valid)}")
         merged = {**self.get_params(), **params}
+        type(self)(**merged)  # checked on a new instance first: a refused value changes nothing
         for name in [k for k in self.__dict__ if k.endswith("_") and not k.startswith("_")]:
             del self.__dict__[name]
         self.__dict__.pop("_params", None)

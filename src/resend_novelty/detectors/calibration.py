@@ -125,7 +125,7 @@ def _groups(index: np.ndarray, eligible: np.ndarray, max_images: int, max_refits
     return [np.sort(rows[g::n_groups]) for g in range(n_groups)]
 
 
-def policy_loo_scores(detector, features, labels, *, batch=None, domains=None,
+def policy_loo_scores(detector, features, labels, *, batch=None, domains=None, fixed=None,
                       max_images: int = MAX_LOO_IMAGES, max_refits: int = MAX_REFITS,
                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Left-out normality of support images, each scored by a copy of ``detector`` fitted
@@ -133,7 +133,9 @@ def policy_loo_scores(detector, features, labels, *, batch=None, domains=None,
 
     ``features`` / ``labels``: the unnormalised support features and labels; ``domains``: the
     source domain of each row of a multi-source support (each copy is fitted with them).
-    ``batch``: the test features that will be scored together (transductive policy:
+    ``fixed``: ``(mean, std)`` pooled test statistics fixed by ``set_test_mean`` (a stream):
+    the left-out images are normalised with them. ``batch``: the test features that will be
+    scored together (transductive policy:
     where the shift gate pools them with the support, the left-out images are normalised with
     the pooled statistics). Returns ``(scores, rows)``: the scores and the support rows they
     belong to.
@@ -146,6 +148,8 @@ def policy_loo_scores(detector, features, labels, *, batch=None, domains=None,
     pooled = False
     if detector.per_image:
         pass  # the copy scores as the detector does: per image, raw weight mixed in
+    elif fixed is not None:
+        pooled = True
     elif batch is not None and detector.normalizer.pooled(torch.as_tensor(batch)):
         pooled = True
     else:  # the support's own statistics, as a test image of the support's domain
@@ -164,7 +168,11 @@ def policy_loo_scores(detector, features, labels, *, batch=None, domains=None,
                 probe.fit_features(features[keep], labels[keep])
             else:
                 probe.fit_features(features[keep], labels[keep], domains=np.asarray(domains)[keep])
-            if pooled:
+            if fixed is not None:
+                n = probe.normalizer
+                n.test_mean_, n.test_std_, n.test_pooled_ = fixed[0], fixed[1], True
+                probe._fixed_view = None
+            elif pooled:
                 probe.set_test_mean(torch.as_tensor(batch, dtype=torch.float32))
             scores.append(np.asarray(probe.score_features(features[g]), dtype=np.float64))
             rows.append(g)
@@ -267,6 +275,7 @@ class LeaveOneOutCalibration:
         self.threshold_rule_ = {"source": RULE,
                                 **{k: v for k, v in self.calibration_.items() if k != "rule"}}
         self.loo_scores_ = scores
+        self._fixed_loo = None
         return self
 
     def _check_calibration_support(self) -> None:
@@ -302,8 +311,15 @@ class LeaveOneOutCalibration:
         rule = getattr(self, "threshold_rule_", None) or {}
         if rule.get("source") != RULE or getattr(self, "loo_scores_", None) is None:
             return None, False
-        if self.per_image or not self.normalizer.active or self.normalizer.test_mean_ is not None:
-            return np.asarray(self.loo_scores_), False  # fixed stream statistics: support's
+        n = self.normalizer
+        if n.test_mean_ is not None and n.test_pooled_ and not self.per_image:
+            # fixed pooled statistics of a stream: read once with them, kept until they change
+            if getattr(self, "_fixed_loo", None) is None:
+                self._fixed_loo = policy_loo_scores(self, *self.support_set(),
+                                                    fixed=(n.test_mean_, n.test_std_))[0]
+            return self._fixed_loo, True
+        if self.per_image or not n.active or n.test_mean_ is not None:
+            return np.asarray(self.loo_scores_), False  # fixed per-domain statistics: support's
         x = self._checked_test(features)
         if not self.normalizer.pooled(x):
             return np.asarray(self.loo_scores_), False

@@ -218,11 +218,21 @@ class ScoringPolicy:
                 f"{old} scoring and does not hold for "
                 f"{'per-image' if per_image else 'transductive'} scoring: calibrate it again "
                 "(tpr) or give a threshold for that mode")
+        support = self.support_set() if threshold is not None else None  # may refuse: before
+        old_mode = self.normalizer.per_image
+        params = self.__dict__.setdefault("_params", {})
+        old_param = params.get("per_image", old_mode)
         self.normalizer.per_image = per_image
-        self.__dict__.setdefault("_params", {})["per_image"] = per_image
+        params["per_image"] = per_image  # the left-out copies are built from get_params
         self._raw = self._fixed_view = None
-        if threshold is not None:
-            self._calibrate_fitted(*self.support_set(), float(rule["tpr"]))
+        try:
+            if support is not None:
+                self._calibrate_fitted(*support, float(rule["tpr"]))
+        except BaseException:  # nothing changed when the new threshold cannot be had
+            self.normalizer.per_image = old_mode
+            params["per_image"] = old_param
+            self._raw = self._fixed_view = None
+            raise
         return self
 
     # ----------------------------------------------------------------- test-time statistics
@@ -236,6 +246,7 @@ class ScoringPolicy:
         the same prototypes."""
         self.test_prototypes_ = None
         self._fixed_view = None
+        self._fixed_loo = None  # left-out scores read with the fixed statistics
         if features is None:
             self.normalizer.set_statistics(None)
             return self

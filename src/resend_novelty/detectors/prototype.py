@@ -81,6 +81,7 @@ class PrototypeDetector(LeaveOneOutCalibration, SupportDetector):
         self.test_prototypes_ = None
         self._fixed_view = None
         self._raw = None
+        self._fixed_loo = None
         self._restore_fitted()
         return self
 

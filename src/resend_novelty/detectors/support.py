@@ -91,6 +91,7 @@ class SupportDetector(ScoringPolicy, Detector):
         self.test_prototypes_ = None  # refined from the old prototypes: stale
         self._fixed_view = None
         self._raw = None
+        self._fixed_loo = None
         features = self.normalizer.fit_transform(features, domains)
         self.support_features_ = features  # what subclasses build their own statistics from
         idx = torch.as_tensor(np.searchsorted(self.classes_, labels))

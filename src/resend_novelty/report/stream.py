@@ -150,10 +150,12 @@ def watch(detector, source: str | os.PathLike | TextIO, csv_path: str | os.PathL
                     warnings.simplefilter("ignore")  # one image: statistics fixed above
                     normality, u = detector.score_similarities_features(feats)
                     s = float(normality[0])
+                    # per image: threshold_; fixed pooled statistics: read with them (cached)
+                    threshold, ref = detector.threshold_and_scores_features(feats)
                 k = int(u[0].argmax())
-                unknown = s < detector.threshold_
-                extra = ([] if reference is None
-                         else [f"{float(conformal_pvalues([s], reference)[0]):.4g}"])
+                unknown = s < threshold
+                extra = ([] if reference is None or ref is None
+                         else [f"{float(conformal_pvalues([s], ref)[0]):.4g}"])
                 writer.writerow([csv_text(p), f"{s:.6g}", *extra,
                                  csv_text(detector.class_names_[k]),
                                  *[f"{float(v):.6g}" for v in u[0]],

@@ -24,13 +24,14 @@ def write_report(result: ScoreResult, out_dir: str | os.PathLike, plots: bool = 
     """Write scores.csv, summary.json, the PNG plots and (``html``) report.html to
     ``out_dir``; returns name -> path.
 
-    Everything is written into a hidden sibling folder first and moved into ``out_dir`` only
+    Everything is written into a hidden folder inside ``out_dir`` first and moved into ``out_dir`` only
     when complete: an interrupted or failed run leaves an earlier report in ``out_dir`` as it
     was; after a complete one, files of :data:`REPORT_FILES` the new report does not have
     (e.g. an old ``roc.png``) are removed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    # hidden, inside out_dir: same file system (os.replace), writable as out_dir is checked
+    tmp = out / f".partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
