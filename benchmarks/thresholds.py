@@ -19,7 +19,6 @@ rejected, for each rule. Writes section ``thresholds`` of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,19 +27,13 @@ import numpy as np
 from _report import load_note, machine, update_section
 
 from resend_novelty.detectors import build_detector, test_mode_threshold
+from resend_novelty.detectors.calibration import threshold_at_recall
 from resend_novelty.evaluation import get_setting, load_setting_lists, setting_paths
 from resend_novelty.models import load_checkpoint
 from resend_novelty.report import scan_support, scan_test
 
 SETTINGS = ("pacs-single", "pacs-multi")
 EXAMPLE_CLASSES = ("dog", "horse", "house")
-
-
-def _support_threshold(loo_scores: np.ndarray, tpr: float) -> float:
-    """The leave-one-out rule of ``PrototypeDetector.calibrate``: the ceil(tpr*m)-th largest."""
-    m = len(loo_scores)
-    k = min(m, max(1, math.ceil(tpr * m - 1e-9)))
-    return float(np.sort(loo_scores)[::-1][k - 1])
 
 
 def _rules(det, s_feats, s_labels, domains, q_feats, is_known, tprs) -> dict:
@@ -52,7 +45,7 @@ def _rules(det, s_feats, s_labels, domains, q_feats, is_known, tprs) -> dict:
     reference = det.calibration_scores_features(q_feats)
     out = {}
     for tpr in tprs:
-        t_support = _support_threshold(reference, tpr)
+        t_support = threshold_at_recall(reference, tpr)  # the rule of calibrate
         t_test, _ = test_mode_threshold(scores, tpr=tpr)
         out[tpr] = {}
         for rule, t in (("support", t_support), ("test", t_test)):

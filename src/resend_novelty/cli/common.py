@@ -17,7 +17,6 @@ from pathlib import Path
 from ..backbones import build_backbone
 from ..detectors import DETECTORS, build_detector
 from ..features import ENGINES, FeatureCache
-from ..report.writer import REPORT_FILES as _REPORT_FILES
 from ..models import load_checkpoint
 from .detector_options import METHOD_HELP, add_baseline_options, baseline_kwargs
 
@@ -195,15 +194,15 @@ def detector_factory(args):
 
 
 def check_output(path, *, inside=(), overwrite: bool = False, folder: bool = False,
-                 flag: str = "--out", owned=()) -> None:
+                 flag: str = "--out") -> None:
     """Check an output path BEFORE any work; raises ValueError naming it (exit 2 in the CLI).
 
     Refused: a path inside (or equal to) one of the input folders ``inside`` (its files would
     become input on the next run); a file where a folder is wanted and the reverse; an existing
     output (a non-empty folder, or a file) without ``overwrite`` (nothing is overwritten
-    silently); a place that cannot be written (a probe file is created and removed). With
-    ``overwrite`` and ``folder``, the files named ``owned`` (the command's own outputs) are
-    removed, so no stale plot of an earlier run stays; nothing else is deleted.
+    silently); a place that cannot be written (a probe file is created and removed). Nothing
+    is deleted here: the command replaces its own outputs once its new ones are complete
+    (``report.write_report``).
     """
     p = Path(path)
     real = Path(os.path.realpath(p))
@@ -221,9 +220,6 @@ def check_output(path, *, inside=(), overwrite: bool = False, folder: bool = Fal
             if not overwrite:
                 raise ValueError(f"{flag} {p} already holds files: pass --overwrite to replace "
                                  "this command's outputs in it, or choose another folder")
-            for name in owned:
-                if (p / name).is_file():
-                    (p / name).unlink()
         target = p
     else:
         if p.is_dir():
@@ -280,9 +276,6 @@ def finite_float(value: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
     return v
 
-
-#: The files ``resend score`` writes into its --out folder (replaced with --overwrite).
-REPORT_FILES = _REPORT_FILES
 
 #: Backbones whose weights are downloaded at run time (used only when named by --backbone).
 DOWNLOADING_BACKBONES = ("resnet18",)

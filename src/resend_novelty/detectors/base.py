@@ -57,14 +57,16 @@ def _recording_init(init):
     """Wrap a detector ``__init__`` so that the outermost call records its arguments (defaults
     applied, ``**kwargs`` flattened) in ``_params``: what :meth:`Detector.get_params` returns."""
 
+    signature = inspect.signature(init)
+
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         if "_params" in self.__dict__:  # a super().__init__ call: the outer one recorded
             return init(self, *args, **kwargs)
-        bound = inspect.signature(init).bind(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
         params = {}
         for name, value in bound.arguments.items():
-            kind = inspect.signature(init).parameters[name].kind
+            kind = signature.parameters[name].kind
             if name == "self":
                 continue
             if kind is inspect.Parameter.VAR_KEYWORD:

@@ -86,20 +86,21 @@ def leave_class_out_rejection(detector, features, labels, tpr: float, *,
     rng = np.random.default_rng([seed, 5113])
     chosen = np.sort(rng.permutation(classes)[:max_classes])
     params = dict(detector.get_params(), progress=False, refine=0)
-    score_params = dict(params) if detector.per_image else dict(params, per_image=True,
-                                                                raw_weight=0.0)
     per_class, rejected, total = {}, 0, 0
     names = dict(zip(np.asarray(detector.classes_).tolist(), detector.class_names))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for c in chosen:
             rest = labels != c
-            if (np.bincount(np.searchsorted(np.unique(labels[rest]), labels[rest])) >= 2).sum() == 0:
-                continue
+            if np.unique(labels[rest], return_counts=True)[1].max() < 2:
+                continue  # no class left with an image to leave out
             reduced = type(detector)(**params).fit_features(features[rest], labels[rest])
             loo, _ = policy_loo_scores(reduced, features[rest], labels[rest])
             threshold = threshold_at_recall(loo, tpr)
-            scorer = type(detector)(**score_params).fit_features(features[rest], labels[rest])
+            scorer = reduced  # per image: scores as calibrated; transductive: support statistics
+            if not detector.per_image:
+                scorer = type(detector)(**dict(params, per_image=True, raw_weight=0.0))
+                scorer.fit_features(features[rest], labels[rest])
             s = np.asarray(scorer.score_features(features[~rest]))
             per_class[names.get(int(c), str(c))] = float((s < threshold).mean())
             rejected += int((s < threshold).sum())

@@ -79,12 +79,10 @@ def _options(det: PrototypeDetector) -> dict:
     :data:`RUNTIME_PARAMS`), the scoring policy (``per_image``) included: one declaration per
     option, the constructor's."""
     opts = {k: v for k, v in det.get_params().items() if k not in RUNTIME_PARAMS}
-    try:
-        json.dumps(opts)
-    except (TypeError, ValueError):
-        bad = [k for k, v in opts.items() if not _is_json(v)]
+    bad = [k for k, v in opts.items() if not _is_json(v)]
+    if bad:
         raise DetectorFileError(f"options {bad} of {det.name} cannot be written to a detector "
-                                "file (not numbers, strings or lists)") from None
+                                "file (not numbers, strings or lists)")
     return opts
 
 

@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from ..detectors import UNKNOWN
+from ..detectors.calibration import threshold_at_recall
 from ..models import RelationalModule, load_checkpoint
 from .probabilities import msp, validate_probabilities, validate_scores
 
@@ -54,8 +55,7 @@ def source_threshold(source_scores, accept: float = 0.95) -> float:
         raise ValueError("no source scores")
     if not 0.0 < accept <= 1.0:
         raise ValueError(f"accept must be in (0, 1], got {accept}")
-    k = int(math.ceil(accept * s.size - 1e-9))
-    return float(s[s.size - max(k, 1)])
+    return threshold_at_recall(s, accept)  # the ceil(accept * n)-th largest
 
 
 class OpenSetFusion:
